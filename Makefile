@@ -1,0 +1,23 @@
+# Two commands for a fresh machine (Python 3.10+ and pip): `make demo`, `make test`.
+# Each creates .venv on first use.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+
+.PHONY: demo test bench
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e '.[dev,bench]'
+	touch $@
+
+demo: $(VENV)/.installed
+	$(PY) -m coatnet_scale.models --config configs/tiny.yaml
+
+# pytest exits 5 when it collects no test: a failure here, never a pass.
+test: $(VENV)/.installed
+	$(PY) -m pytest -q; rc=$$?; [ $$rc -ne 5 ] || echo "make test: no tests were collected" >&2; exit $$rc
+
+bench: $(VENV)/.installed
+	$(PY) benchmarks/model_throughput.py

@@ -1,0 +1,186 @@
+"""Typed run configuration: YAML files in configs/ plus `--set key=value` overrides.
+
+Every entry point loads its config here, and nothing starts before it validates. Errors name
+the source, the full dotted key and what was expected:
+
+    configs/tiny.yaml: train.lr_warmup: unknown key; did you mean train.warmup_steps?
+    --set train.lr=fast: train.lr: Input should be a valid number; got 'fast'
+
+Secrets (SecretStr fields) print and save as '**********'; use `dump_config` for both.
+"""
+from __future__ import annotations
+
+import argparse
+import difflib
+import sys
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
+
+from coatnet_scale.models import list_models
+
+
+class ConfigError(ValueError):
+    """A config that failed validation; the message lists every problem, one per line."""
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class CheckpointingConfig(Section):
+    every: int = Field(0, ge=0, description="0: none, 1: every block, k: every k-th block of a stage")
+    stages: list[Literal[1, 2, 3, 4]] = [1, 2, 3, 4]
+
+
+class ModelConfig(Section):
+    name: str = "coatnet_0"
+    image_size: int = Field(224, ge=32, multiple_of=32)
+    num_classes: int = Field(1000, ge=1)
+    drop_path_rate: float = Field(0.0, ge=0.0, lt=1.0)
+    checkpointing: CheckpointingConfig = CheckpointingConfig()
+
+    @field_validator("name")
+    @classmethod
+    def _registered(cls, name: str) -> str:
+        if name not in list_models():
+            close = difflib.get_close_matches(name, list_models(), n=1)
+            hint = f"did you mean {close[0]}? " if close else ""
+            raise ValueError(f"unknown model; {hint}registered: {', '.join(list_models())}")
+        return name
+
+
+class DataConfig(Section):
+    train_manifest: str = "data/demo/train/manifest.json"
+    val_manifest: str | None = "data/demo/val/manifest.json"
+
+
+class TrainConfig(Section):
+    seed: int = 0
+    global_batch_size: int = Field(4096, ge=1)
+    micro_batch_size: int = Field(32, ge=1, description="per worker, per forward pass")
+    total_steps: int = Field(100_000, ge=1)
+    warmup_steps: int = Field(10_000, ge=0)
+    schedule: Literal["cosine", "linear", "constant"] = "cosine"
+    lr: float = Field(1e-3, gt=0.0)
+    min_lr: float = Field(1e-5, ge=0.0)
+    weight_decay: float = Field(0.05, ge=0.0)
+    grad_clip: float = Field(1.0, ge=0.0, description="0 disables clipping")
+    loss: Literal["softmax", "sigmoid"] = "softmax"
+    label_smoothing: float = Field(0.1, ge=0.0, lt=1.0)
+
+
+class StorageConfig(Section):
+    """Where checkpoints go: a local path or any fsspec URL (s3://bucket/prefix, gs://...).
+
+    Prefer the standard AWS environment or a profile for credentials; keys given here are
+    accepted but never printed or saved."""
+
+    url: str = "runs"
+    endpoint_url: str | None = None
+    region: str | None = None
+    profile: str | None = None
+    access_key_id: SecretStr | None = None
+    secret_access_key: SecretStr | None = None
+    session_token: SecretStr | None = None
+
+
+class Config(Section):
+    run_name: str = "run"
+    model: ModelConfig = ModelConfig()
+    data: DataConfig = DataConfig()
+    train: TrainConfig = TrainConfig()
+    storage: StorageConfig = StorageConfig()
+
+
+def _valid_keys(model: type[BaseModel], prefix: str = "") -> list[str]:
+    keys = []
+    for name, field in model.model_fields.items():
+        keys.append(prefix + name)
+        if isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel):
+            keys += _valid_keys(field.annotation, f"{prefix}{name}.")
+    return keys
+
+
+def _describe(error: dict, source: str) -> str:
+    path = ".".join(str(part) for part in error["loc"])
+    if error["type"] == "extra_forbidden":
+        parent = path.rpartition(".")[0]
+        siblings = [k for k in _valid_keys(Config) if k.rpartition(".")[0] == parent]
+        close = difflib.get_close_matches(path, siblings, n=1, cutoff=0.5)
+        hint = f"; did you mean {close[0]}?" if close else f"; valid keys here: {', '.join(siblings)}"
+        return f"{source}: {path}: unknown key{hint}"
+    if error["type"] == "missing":
+        return f"{source}: {path}: required key is missing"
+    message = error["msg"].removeprefix("Value error, ")
+    return f"{source}: {path}: {message}; got {error['input']!r}"
+
+
+def _set_dotted(tree: dict, dotted: str, value: Any) -> None:
+    *parents, leaf = dotted.split(".")
+    for part in parents:
+        child = tree.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"--set {dotted}: {part} is a value, not a section")
+        tree = child
+    tree[leaf] = value
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Config:
+    """Read a YAML file (or start from defaults), apply KEY=VALUE overrides, validate."""
+    raw: dict = {}
+    source = "defaults"
+    if path is not None:
+        source = str(path)
+        try:
+            raw = yaml.safe_load(Path(path).read_text()) or {}
+        except FileNotFoundError:
+            raise ConfigError(f"{path}: config file not found") from None
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{path}: not valid YAML: {e}") from None
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{path}: expected a mapping of sections at the top level")
+    try:
+        Config.model_validate(raw)
+    except ValidationError as e:
+        raise ConfigError("\n".join(_describe(err, source) for err in e.errors())) from None
+    for item in overrides:
+        key, sep, text = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"--set {item!r}: expected KEY=VALUE, e.g. --set train.lr=5e-4")
+        _set_dotted(raw, key.strip(), yaml.safe_load(text) if text else "")
+        try:
+            Config.model_validate(raw)
+        except ValidationError as e:
+            raise ConfigError("\n".join(_describe(err, f"--set {item}") for err in e.errors())) from None
+    return Config.model_validate(raw)
+
+
+def dump_config(config: Config) -> str:
+    """The resolved config as YAML, secrets redacted: the only way configs get printed or saved."""
+    return yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False)
+
+
+def add_config_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", help="YAML config file (configs/*.yaml); defaults when omitted")
+    parser.add_argument(
+        "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+        help="override one key, e.g. --set train.lr=5e-4 (repeatable)",
+    )
+    parser.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+
+
+def config_from_arguments(args: argparse.Namespace) -> Config:
+    """Load the config named by `add_config_arguments`' flags; exit 2 with the message if invalid,
+    exit 0 after printing it for --print-config."""
+    try:
+        config = load_config(args.config, args.overrides)
+    except ConfigError as e:
+        print(f"config error:\n{e}", file=sys.stderr)
+        raise SystemExit(2) from None
+    if args.print_config:
+        print(dump_config(config), end="")
+        raise SystemExit(0)
+    return config

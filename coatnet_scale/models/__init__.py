@@ -1,0 +1,22 @@
+"""CoAtNet models in plain PyTorch: importable without DeepSpeed, Ray or the data stack."""
+from coatnet_scale.models.coatnet import (
+    MODEL_SPECS,
+    Checkpointing,
+    CoAtNet,
+    count_flops,
+    count_parameters,
+    create_model,
+    list_models,
+    resize_relative_position,
+)
+
+__all__ = [
+    "MODEL_SPECS",
+    "Checkpointing",
+    "CoAtNet",
+    "count_flops",
+    "count_parameters",
+    "create_model",
+    "list_models",
+    "resize_relative_position",
+]

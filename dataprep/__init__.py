@@ -1,0 +1,1 @@
+"""dataprep: shards image corpora into webdataset tar shards on any fsspec store (issue 3)."""

@@ -1,0 +1,1 @@
+"""monitoring: Prometheus metrics for training and dataprep, Grafana dashboards (issue 6)."""

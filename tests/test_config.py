@@ -1,0 +1,107 @@
+"""Config validation: every error names its source, dotted key, value and expectation."""
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from coatnet_scale.config import ConfigError, dump_config, load_config
+
+CONFIGS = sorted(Path(__file__).parent.parent.joinpath("configs").glob("*.yaml"))
+
+
+def write(tmp_path, text):
+    path = tmp_path / "c.yaml"
+    path.write_text(text)
+    return path
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
+def test_shipped_configs_are_valid_and_say_how_to_run(path):
+    config = load_config(path)
+    head = path.read_text().splitlines()[:4]
+    assert head[0].startswith(f"# {path.name}:"), "first line: what the config is"
+    assert any("Run: " in line and "--config configs/" + path.name in line for line in head)
+    assert config.model.image_size % 32 == 0
+
+
+def test_unknown_key_names_path_and_nearest(tmp_path):
+    with pytest.raises(ConfigError) as e:
+        load_config(write(tmp_path, "train:\n  lr_warmup: 5\n"))
+    assert str(e.value) == f"{tmp_path / 'c.yaml'}: train.lr_warmup: unknown key; did you mean train.warmup_steps?"
+
+
+def test_unknown_section_is_reported(tmp_path):
+    with pytest.raises(ConfigError, match=r"trian: unknown key; did you mean train\?"):
+        load_config(write(tmp_path, "trian:\n  lr: 1.0\n"))
+
+
+def test_wrong_type_names_path_value_and_expectation(tmp_path):
+    with pytest.raises(ConfigError) as e:
+        load_config(write(tmp_path, "train:\n  total_steps: many\n"))
+    message = str(e.value)
+    assert "train.total_steps" in message and "'many'" in message and "valid integer" in message
+
+
+def test_out_of_range_value(tmp_path):
+    with pytest.raises(ConfigError, match=r"model\.image_size: Input should be a multiple of 32; got 100"):
+        load_config(write(tmp_path, "model:\n  image_size: 100\n"))
+    with pytest.raises(ConfigError, match=r"train\.lr: Input should be greater than 0; got -1"):
+        load_config(write(tmp_path, "train:\n  lr: -1\n"))
+
+
+def test_unknown_model_suggests_registered_name(tmp_path):
+    with pytest.raises(ConfigError, match=r"model\.name: unknown model; did you mean coatnet_7\?"):
+        load_config(write(tmp_path, "model:\n  name: coatnet_8\n"))
+
+
+def test_all_errors_reported_at_once(tmp_path):
+    with pytest.raises(ConfigError) as e:
+        load_config(write(tmp_path, "train:\n  lr: -1\n  lr_warmup: 3\nmodel:\n  image_size: 33\n"))
+    assert len(str(e.value).splitlines()) == 3
+
+
+def test_overrides_apply_and_validate():
+    config = load_config(CONFIGS[0], ["model.name=coatnet_7", "train.lr=5e-4", "model.checkpointing.every=2"])
+    assert config.model.name == "coatnet_7"
+    assert config.train.lr == 5e-4
+    assert config.model.checkpointing.every == 2
+    with pytest.raises(ConfigError, match=r"^--set train\.lr=fast: train\.lr: .*valid number.*'fast'"):
+        load_config(None, ["train.lr=fast"])
+    with pytest.raises(ConfigError, match=r"--set train\.lr_warmup=3: train\.lr_warmup: unknown key; did you mean"):
+        load_config(None, ["train.lr_warmup=3"])
+    with pytest.raises(ConfigError, match="expected KEY=VALUE"):
+        load_config(None, ["train.lr"])
+
+
+def test_missing_file_and_bad_yaml(tmp_path):
+    with pytest.raises(ConfigError, match="config file not found"):
+        load_config(tmp_path / "nope.yaml")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(write(tmp_path, "train: [unclosed\n"))
+
+
+def test_secrets_are_redacted_when_printed(tmp_path):
+    secret = "AKIAEXAMPLESECRET123"
+    path = write(tmp_path, f"storage:\n  url: s3://b/p\n  secret_access_key: {secret}\n")
+    config = load_config(path, [f"storage.session_token={secret}x"])
+    assert config.storage.secret_access_key.get_secret_value() == secret
+    text = dump_config(config)
+    assert secret not in text and "'**********'" in text
+    assert secret not in repr(config) and secret not in str(config)
+    result = subprocess.run(
+        [sys.executable, "-m", "coatnet_scale.models", "--config", str(path), "--print-config"],
+        capture_output=True, text=True,
+    )
+    assert result.returncode == 0, result.stderr
+    assert secret not in result.stdout and "s3://b/p" in result.stdout
+
+
+def test_cli_exits_nonzero_with_message_before_doing_work(tmp_path):
+    path = write(tmp_path, "train:\n  lr_warmup: 5\n")
+    result = subprocess.run(
+        [sys.executable, "-m", "coatnet_scale.models", "--config", str(path)], capture_output=True, text=True
+    )
+    assert result.returncode == 2
+    assert "train.lr_warmup: unknown key; did you mean train.warmup_steps?" in result.stderr
+    assert result.stdout == ""  # nothing ran
