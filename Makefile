@@ -21,3 +21,4 @@ test: $(VENV)/.installed
 
 bench: $(VENV)/.installed
 	$(PY) benchmarks/model_throughput.py
+	$(PY) benchmarks/dataprep_throughput.py

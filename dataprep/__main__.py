@@ -1,0 +1,112 @@
+"""Command line: `python -m dataprep SOURCE DEST [options]` and `python -m dataprep verify DEST`.
+
+S3 credentials come from the standard AWS environment (AWS_ACCESS_KEY_ID, AWS_PROFILE, ...)
+or a profile; they are never taken on the command line, logged, or written to the manifest.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import sys
+
+from dataprep.images import ImageOptions
+from dataprep.prep import PrepError, PrepOptions, prepare
+from dataprep.shards import verify_dataset
+from dataprep.sources import SourceError
+
+SIZE_UNITS = {"": 1, "k": 10**3, "m": 10**6, "g": 10**9, "ki": 2**10, "mi": 2**20, "gi": 2**30}
+
+
+def parse_size(text: str) -> int:
+    """'256MiB', '1GB', '500k', '1048576' -> bytes."""
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([kmg]i?)?b?\s*", text.lower())
+    if not match:
+        raise argparse.ArgumentTypeError(f"not a size: {text!r} (try 256MiB or 1GB)")
+    return int(float(match.group(1)) * SIZE_UNITS[match.group(2) or ""])
+
+
+def add_storage_arguments(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("S3 options (credentials come from the AWS environment or profile)")
+    group.add_argument("--s3-endpoint-url", help="e.g. a MinIO or R2 endpoint (default: AWS, or $AWS_ENDPOINT_URL)")
+    group.add_argument("--s3-region")
+    group.add_argument("--s3-profile", help="a profile from ~/.aws/config")
+
+
+def storage_options_from(args: argparse.Namespace) -> dict:
+    options: dict = {}
+    endpoint = args.s3_endpoint_url or os.environ.get("AWS_ENDPOINT_URL")
+    if endpoint:
+        options["endpoint_url"] = endpoint
+    if args.s3_profile:
+        options["profile"] = args.s3_profile
+    if args.s3_region:
+        options["client_kwargs"] = {"region_name": args.s3_region}
+    return options
+
+
+def prep_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m dataprep",
+        description="Shard an image corpus into webdataset tar shards with a manifest. "
+        "Run `python -m dataprep verify DEST` to check a finished dataset.",
+    )
+    p.add_argument("source", metavar="SOURCE", help="ImageFolder tree, tar of per-class tars, or folder/tar of images with --labels")
+    p.add_argument("dest", metavar="DEST", help="output folder or fsspec URL (s3://bucket/prefix, gs://...)")
+    p.add_argument("--labels", help="CSV (path,label) or JSONL labels file for a folder or tar of images")
+    p.add_argument("--classes", help="class order from a manifest.json (e.g. the train split's) or a text file")
+    p.add_argument("--split", default="train", help="shard name prefix (default: train)")
+    p.add_argument("--samples-per-shard", type=int, help="close a shard after this many samples")
+    p.add_argument("--shard-bytes", type=parse_size, help="close a shard before it passes this size (default 256MiB)")
+    p.add_argument("--workers", type=int, default=os.cpu_count(), help="worker processes (default: all cores)")
+    p.add_argument("--max-side", type=int, default=ImageOptions.max_side, help="resize so the shorter side is at most this; 0 keeps sizes (default: %(default)s)")
+    p.add_argument("--min-side", type=int, default=ImageOptions.min_side, help="reject images whose shorter side is below this (default: %(default)s)")
+    p.add_argument("--max-pixels", type=int, default=ImageOptions.max_pixels, help="reject larger images unread, as decompression bombs (default: %(default)s)")
+    p.add_argument("--quality", type=int, default=ImageOptions.quality, help="JPEG quality of re-encoded images (default: %(default)s)")
+    p.add_argument("--seed", type=int, default=0, help="shuffle seed (default: 0)")
+    p.add_argument(
+        "--ray", nargs="?", const="", metavar="ADDRESS",
+        help="spread shards over a Ray cluster's CPUs: ADDRESS, else $RAY_ADDRESS, else a local Ray; "
+        "SOURCE and DEST must then be reachable from every node (S3, a shared filesystem)",
+    )
+    add_storage_arguments(p)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["verify"]:
+        p = argparse.ArgumentParser(prog="python -m dataprep verify", description="Re-read every shard and check it against the manifest.")
+        p.add_argument("dest", metavar="DEST")
+        add_storage_arguments(p)
+        args = p.parse_args(argv[1:])
+        problems = verify_dataset(args.dest, storage_options_from(args), progress=lambda line: print(line, file=sys.stderr))
+        for problem in problems:
+            print(f"verify: {problem}")
+        print(f"verify: {args.dest}: " + (f"{len(problems)} problem(s)" if problems else "every shard matches the manifest"))
+        return 1 if problems else 0
+
+    args = prep_parser().parse_args(argv)
+    if not 1 <= args.quality <= 100:
+        prep_parser().error(f"--quality must be 1..100, got {args.quality}")
+    shard_bytes = args.shard_bytes
+    if shard_bytes is None and args.samples_per_shard is None:
+        shard_bytes = PrepOptions.shard_bytes
+    options = PrepOptions(
+        split=args.split, samples_per_shard=args.samples_per_shard, shard_bytes=shard_bytes, seed=args.seed,
+        labels=args.labels, classes=args.classes,
+        image=ImageOptions(max_side=args.max_side, min_side=args.min_side, quality=args.quality, max_pixels=args.max_pixels),
+    )
+    try:
+        prepare(args.source, args.dest, options, args.workers, args.ray, storage_options_from(args))
+    except (PrepError, SourceError) as e:
+        print(f"dataprep: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("dataprep: interrupted; rerun the same command to resume", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,339 @@
+"""Shard a corpus: list, shuffle, plan shards, convert and write shards in parallel, manifest.
+
+The plan is fixed before any image is read: inputs are shuffled with the seed and cut into
+runs of N consecutive inputs, one run per shard (a shard holds N samples minus the inputs it
+rejects). Each shard is then one independent task: a worker (a local process, or a CPU of a
+Ray cluster) reads its inputs, converts them, writes the tar and publishes it. Image bytes
+never pass through this process, and the output depends only on SOURCE and the options,
+never on the number of workers.
+
+Resuming: when a shard is published, a record of it (name, size, sha256, the inputs it
+rejected) goes to DEST/_progress/. A rerun with the same arguments keeps every shard whose
+record carries the same fingerprint of inputs and options and whose file is present with the
+recorded size, and redoes the rest. The manifest is written last, then the records removed.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import multiprocessing
+import random
+import sys
+import time
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+
+import fsspec
+
+from dataprep.images import ImageOptions, Rejected, convert_image
+from dataprep.shards import (
+    ShardWriter,
+    publish_bytes,
+    publish_file,
+    remove_stale_temporaries,
+    shard_name,
+    staging_directory,
+)
+from dataprep.sources import Item, SourceRejection, list_source, options_for, read_item
+
+MANIFEST_FORMAT = "coatnet_scale.dataprep/1"
+
+
+class PrepError(RuntimeError):
+    """A problem with DEST or the arguments, reported before any work is lost."""
+
+
+@dataclass(frozen=True)
+class PrepOptions:
+    split: str = "train"
+    samples_per_shard: int | None = None  # exact inputs per shard
+    shard_bytes: int | None = 256 * 2**20  # aim: inputs per shard chosen from the mean input size
+    seed: int = 0
+    labels: str | None = None  # labels file URL, for a folder or tar of images
+    classes: str | None = None  # a manifest.json or a text file, one class per line: fixes label order
+    image: ImageOptions = field(default_factory=ImageOptions)
+
+
+# ---------------------------------------------------------------------------------------
+# Worker side
+
+_worker: dict = {}
+
+
+def _init_worker(image_options: ImageOptions, storage_options: dict, die_with_parent: bool = False) -> None:
+    _worker.update(image_options=image_options, storage_options=storage_options, filesystems={})
+    if die_with_parent and sys.platform == "linux":
+        # A killed dataprep must not leave workers publishing shards behind a rerun's back.
+        import ctypes
+        import signal
+
+        ctypes.CDLL(None).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+
+
+def _convert(item: Item) -> tuple[bytes, int, int]:
+    try:
+        data = read_item(item, _worker["filesystems"], _worker["storage_options"])
+    except Exception as e:
+        raise Rejected("unreadable", f"{type(e).__name__}: {e}") from None
+    try:
+        return convert_image(data, _worker["image_options"])
+    except Rejected:
+        raise
+    except Exception as e:  # a bug or an exotic file: report it against this input, keep going
+        raise Rejected("processing error", f"{type(e).__name__}: {e}") from None
+
+
+def open_dest(dest: str, storage_options: dict):
+    fs, root = fsspec.core.url_to_fs(dest, **options_for(dest, storage_options))
+    return fs, root.rstrip("/")
+
+
+@dataclass(frozen=True)
+class ShardTask:
+    index: int
+    name: str
+    dest: str
+    inputs: list[tuple[str, Item, int]]  # (sample key, input, label)
+
+
+def write_shard(task: ShardTask) -> dict:
+    """Convert one shard's inputs, publish the tar, return its progress record (sans fingerprint)."""
+    fs, root = open_dest(task.dest, _worker["storage_options"])
+    writer = ShardWriter(staging_directory(fs, root))
+    rejected = []
+    try:
+        for key, item, label in task.inputs:
+            try:
+                jpeg, width, height = _convert(item)
+            except Rejected as r:
+                rejected.append({"path": item.path, "reason": r.reason, "detail": r.detail})
+                continue
+            meta = {"source": item.path, "class": item.class_name, "width": width, "height": height}
+            writer.add(ShardWriter.members(key, jpeg, label, meta))
+        shard = None
+        if writer.samples:
+            size, sha256 = writer.close()
+            publish_file(fs, writer.path, f"{root}/{task.name}")
+            shard = {"name": task.name, "samples": writer.samples, "bytes": size, "sha256": sha256}
+        else:
+            writer.discard()
+    except BaseException:
+        writer.discard()
+        raise
+    return {"index": task.index, "shard": shard, "rejected": rejected, "inputs": len(task.inputs)}
+
+
+# ---------------------------------------------------------------------------------------
+# Progress
+
+
+class Progress:
+    """A tqdm bar on a terminal; a plain line every `interval` seconds otherwise."""
+
+    def __init__(self, total: int, done: int, shards: int, interval: float = 10.0):
+        self.total, self.done, self.rejected, self.interval = total, done, 0, interval
+        self.shards_total, self.shards_done = shards, 0
+        self.start = self.last = time.monotonic()
+        self.start_done = done
+        self.bar = None
+        if sys.stderr.isatty():
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total, initial=done, unit="img", smoothing=0.1, file=sys.stderr)
+
+    def update(self, inputs: int, rejected: int) -> None:
+        self.done += inputs
+        self.rejected += rejected
+        self.shards_done += 1
+        if self.bar is not None:
+            self.bar.set_postfix(shards=f"{self.shards_done}/{self.shards_total}", rejected=self.rejected, refresh=False)
+            self.bar.update(inputs)
+            return
+        now = time.monotonic()
+        if now - self.last >= self.interval or self.shards_done == self.shards_total:
+            self.last = now
+            print(self.line(), file=sys.stderr, flush=True)
+
+    def rate(self) -> float:
+        return (self.done - self.start_done) / max(1e-9, time.monotonic() - self.start)
+
+    def line(self) -> str:
+        rate = self.rate()
+        eta = (self.total - self.done) / rate if rate > 0 else float("inf")
+        return (
+            f"dataprep: {self.done}/{self.total} inputs ({100 * self.done / max(1, self.total):.1f}%), "
+            f"{self.shards_done}/{self.shards_total} shards, {rate:.0f} img/s, ETA {eta / 60:.1f} min, "
+            f"{self.rejected} rejected"
+        )
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+# ---------------------------------------------------------------------------------------
+# Orchestration
+
+
+def _class_list(items: list[Item], classes_url: str | None, storage_options: dict) -> list[str]:
+    if classes_url is None:
+        names = {item.class_name for item in items}
+        all_numeric = all(name.isdigit() for name in names)
+        return sorted(names, key=int if all_numeric else str)
+    try:
+        with fsspec.open(classes_url, "rt", **options_for(classes_url, storage_options)) as f:
+            text = f.read()
+    except FileNotFoundError:
+        raise PrepError(f"{classes_url}: classes file not found") from None
+    if classes_url.endswith(".json"):
+        return json.loads(text)["classes"]
+    return [line.strip() for line in text.splitlines() if line.strip()]
+
+
+def _fingerprint(source: str, items: list[Item], options: PrepOptions) -> str:
+    digest = hashlib.sha256(json.dumps([source, asdict(options)], sort_keys=True).encode())
+    for item in items:
+        digest.update(f"{item.path}\0{item.class_name}\0{item.length}\n".encode())
+    return digest.hexdigest()
+
+
+def inputs_per_shard(items: list[Item], options: PrepOptions) -> int:
+    candidates = []
+    if options.samples_per_shard:
+        candidates.append(options.samples_per_shard)
+    if options.shard_bytes:
+        mean_size = sum(item.length for item in items) / max(1, len(items))
+        candidates.append(max(1, int(options.shard_bytes // max(1.0, mean_size + 2048))))
+    return min(candidates)
+
+
+def _finished_records(fs, root: str, fingerprint: str, planned: int, log) -> dict[int, dict]:
+    """Progress records of this same run whose shard is present with the recorded size."""
+    directory = f"{root}/_progress"
+    if not fs.exists(directory):
+        return {}
+    finished = {}
+    for path in sorted(fs.ls(directory, detail=False)):
+        if not path.endswith(".json"):
+            continue
+        record = json.loads(fs.cat_file(path))
+        if record.get("fingerprint") != fingerprint:
+            raise PrepError(
+                f"{root}: holds an unfinished run made from other inputs or options; rerun it with its "
+                f"original arguments, or use an empty DEST"
+            )
+        shard = record["shard"]
+        if shard is not None:
+            shard_path = f"{root}/{shard['name']}"
+            if not fs.exists(shard_path) or fs.size(shard_path) != shard["bytes"]:
+                log(f"dataprep: {shard['name']} is missing or differs from its record; writing it again")
+                continue
+        if record["index"] < planned:
+            finished[record["index"]] = record
+    return finished
+
+
+def _make_pool(workers: int, ray_address: str | None, initargs: tuple):
+    if ray_address is not None:
+        from ray.util.multiprocessing import Pool as RayPool
+
+        return RayPool(processes=workers or None, initializer=_init_worker, initargs=initargs, ray_address=ray_address or None)
+    # fork starts workers at once, with modules loaded; fsspec resets its event loop and its
+    # filesystem cache in forked children, and no other thread runs yet (the progress bar's
+    # starts after the pool).
+    context = multiprocessing.get_context("fork")
+    return context.Pool(workers, initializer=_init_worker, initargs=(*initargs, True))
+
+
+def prepare(
+    source: str,
+    dest: str,
+    options: PrepOptions,
+    workers: int,
+    ray_address: str | None = None,
+    storage_options: dict | None = None,
+    log=print,
+) -> dict:
+    """Shard SOURCE into DEST; return the manifest. Safe to rerun after a crash."""
+    storage_options = storage_options or {}
+    fs, root = open_dest(dest, storage_options)
+    fs.makedirs(root, exist_ok=True)
+
+    items, source_rejections = list_source(source, storage_options, options.labels)
+    classes = _class_list(items, options.classes, storage_options)
+    label_of = {name: label for label, name in enumerate(classes)}
+    source_rejections += [
+        SourceRejection(i.path, "unknown class", f"{i.class_name!r} is not in {options.classes}")
+        for i in items if i.class_name not in label_of
+    ]
+    items = [item for item in items if item.class_name in label_of]
+    total_inputs = len(items) + len(source_rejections)
+    fingerprint = _fingerprint(source, items, options)
+    log(f"dataprep: {len(items)} inputs in {len(classes)} classes from {source}; {len(source_rejections)} rejected while listing")
+
+    manifest_path = f"{root}/manifest.json"
+    if fs.exists(manifest_path):
+        manifest = json.loads(fs.cat_file(manifest_path))
+        if manifest.get("fingerprint") != fingerprint:
+            raise PrepError(f"{dest}: already holds a finished dataset made from other inputs or options")
+        log(f"dataprep: {dest} is already complete ({manifest['total_samples']} samples); nothing to do")
+        return manifest
+
+    order = list(range(len(items)))
+    random.Random(options.seed).shuffle(order)
+    per_shard = inputs_per_shard(items, options)
+    planned = max(1, math.ceil(len(items) / per_shard))
+    remove_stale_temporaries(fs, root)
+    records = _finished_records(fs, root, fingerprint, planned, log)
+    if records:
+        log(f"dataprep: resuming: {len(records)} of {planned} shards already written")
+    tasks = [
+        ShardTask(k, shard_name(options.split, k), dest, [
+            (f"{i:010d}", items[i], label_of[items[i].class_name]) for i in order[k * per_shard:(k + 1) * per_shard]
+        ])
+        for k in range(planned) if k not in records
+    ]
+    if 0 < len(tasks) < workers:
+        log(f"dataprep: note: {len(tasks)} shards for {workers} workers; smaller shards would use them all")
+
+    pool = _make_pool(workers, ray_address, (options.image, storage_options))
+    progress = Progress(len(items), len(items) - sum(len(t.inputs) for t in tasks), len(tasks))
+    try:
+        for record in pool.imap_unordered(write_shard, tasks):
+            record["fingerprint"] = fingerprint
+            publish_bytes(fs, f"{root}/_progress/{record['index']:06d}.json", json.dumps(record).encode())
+            records[record["index"]] = record
+            progress.update(record.pop("inputs"), len(record["rejected"]))
+    finally:
+        pool.terminate()
+        progress.close()
+
+    records = [records[k] for k in range(planned)]
+    rejected = [asdict(r) for r in source_rejections] + [r for record in records for r in record["rejected"]]
+    shards = [record["shard"] for record in records if record["shard"] is not None]
+    total_samples = sum(shard["samples"] for shard in shards)
+    if total_samples + len(rejected) != total_inputs:  # the accounting must close
+        raise PrepError(f"internal error: {total_samples} written + {len(rejected)} rejected != {total_inputs} inputs")
+    publish_bytes(fs, f"{root}/rejected.jsonl", "".join(json.dumps(r, sort_keys=True) + "\n" for r in rejected).encode())
+    manifest = {
+        "format": MANIFEST_FORMAT,
+        "source": source,
+        "split": options.split,
+        "total_inputs": total_inputs,
+        "total_samples": total_samples,
+        "classes": classes,
+        "shards": shards,
+        "rejected": dict(sorted(Counter(r["reason"] for r in rejected).items())),
+        "options": asdict(options),
+        "fingerprint": fingerprint,
+    }
+    publish_bytes(fs, manifest_path, json.dumps(manifest, indent=1, sort_keys=True).encode())
+    fs.rm(f"{root}/_progress", recursive=True)
+    elapsed = time.monotonic() - progress.start
+    log(
+        f"dataprep: wrote {total_samples} samples in {len(shards)} shards "
+        f"({sum(s['bytes'] for s in shards) / 2**20:.1f} MiB) to {dest}; rejected {len(rejected)} "
+        f"{manifest['rejected'] or ''}; {elapsed:.1f}s, {progress.rate():.0f} img/s"
+    )
+    return manifest

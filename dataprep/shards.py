@@ -1,0 +1,191 @@
+"""Shard files: deterministic tar writing, atomic publication on any fsspec store, verification.
+
+A shard is built in a local file and becomes visible under its final name only when complete:
+a rename on a local filesystem, one finished upload (single PUT or completed multipart upload)
+on an object store. The same samples always give the same bytes (fixed mtime, owner, mode).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tarfile
+import tempfile
+from collections import Counter
+
+import fsspec
+from fsspec.implementations.local import LocalFileSystem
+
+from dataprep.sources import options_for
+
+
+def shard_name(split: str, index: int) -> str:
+    return f"{split}-{index:06d}.tar"
+
+
+class ShardWriter:
+    """Appends samples ({key}.cls, {key}.jpg, {key}.json) to a deterministic tar on local disk."""
+
+    def __init__(self, directory: str):
+        fd, self.path = tempfile.mkstemp(dir=directory, prefix=".shard-", suffix=".tmp")
+        self._file = os.fdopen(fd, "wb")
+        self._tar = tarfile.open(fileobj=self._file, mode="w", format=tarfile.USTAR_FORMAT)
+        self.samples = 0
+
+    def _add(self, name: str, data: bytes) -> None:
+        info = tarfile.TarInfo(name)
+        info.size, info.mtime, info.mode = len(data), 0, 0o644
+        info.uid = info.gid = 0
+        info.uname = info.gname = ""
+        self._tar.addfile(info, _BytesReader(data))
+
+    @staticmethod
+    def members(key: str, jpeg: bytes, label: int, meta: dict) -> dict[str, bytes]:
+        return {
+            f"{key}.cls": str(label).encode(),
+            f"{key}.jpg": jpeg,
+            f"{key}.json": json.dumps(meta, sort_keys=True, separators=(",", ":")).encode(),
+        }
+
+    def add(self, members: dict[str, bytes]) -> None:
+        for name, data in members.items():
+            self._add(name, data)
+        self.samples += 1
+
+    def size_with(self, members: dict[str, bytes]) -> int:
+        """The finished tar's size if `members` were added: headers, 512-byte padding, the
+        end-of-archive blocks, and padding to tarfile's 10 KiB record."""
+        size = self._file.tell() + sum(512 + -(-len(data) // 512) * 512 for data in members.values())
+        return -(-(size + 1024) // tarfile.RECORDSIZE) * tarfile.RECORDSIZE
+
+    def close(self) -> tuple[int, str]:
+        """Finish the tar; return (size, sha256)."""
+        self._tar.close()
+        self._file.close()
+        return os.path.getsize(self.path), file_sha256(self.path)
+
+    def discard(self) -> None:
+        self._file.close()
+        if os.path.exists(self.path):
+            os.remove(self.path)
+
+
+class _BytesReader:
+    def __init__(self, data: bytes):
+        self._view, self._pos = memoryview(data), 0
+
+    def read(self, n: int = -1) -> bytes:
+        end = len(self._view) if n < 0 else self._pos + n
+        chunk = self._view[self._pos:end].tobytes()
+        self._pos += len(chunk)
+        return chunk
+
+
+def file_sha256(path: str) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(2**20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def is_local(fs) -> bool:
+    return isinstance(fs, LocalFileSystem)
+
+
+def staging_directory(fs, root: str) -> str:
+    """Where shards are built: inside DEST on a local filesystem (so publishing is a rename),
+    the system temp directory otherwise."""
+    return root if is_local(fs) else tempfile.gettempdir()
+
+
+def publish_file(fs, local_path: str, dest_path: str) -> None:
+    """Make local_path visible at dest_path all at once, and remove local_path."""
+    if is_local(fs):
+        os.chmod(local_path, 0o644)  # mkstemp's 0600 would hide shards from other readers
+        os.replace(local_path, dest_path)
+    else:
+        fs.put_file(local_path, dest_path)
+        os.remove(local_path)
+
+
+def publish_bytes(fs, dest_path: str, data: bytes) -> None:
+    if is_local(fs):
+        os.makedirs(os.path.dirname(dest_path), exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=os.path.dirname(dest_path), prefix=".write-", suffix=".tmp")
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        publish_file(fs, tmp, dest_path)
+    else:
+        fs.pipe_file(dest_path, data)
+
+
+def remove_stale_temporaries(fs, root: str) -> None:
+    """Temporary files left by a killed run (local destinations only; object stores have none)."""
+    if not is_local(fs):
+        return
+    for directory in (root, os.path.join(root, "_progress")):
+        for name in os.listdir(directory) if os.path.isdir(directory) else []:
+            if name.startswith((".shard-", ".write-")) and name.endswith(".tmp"):
+                os.remove(os.path.join(directory, name))
+
+
+def verify_dataset(dest: str, storage_options: dict, progress=print) -> list[str]:
+    """Re-read every shard named in DEST/manifest.json; return a list of differences (empty: all good)."""
+    fs, root = fsspec.core.url_to_fs(dest, **options_for(dest, storage_options))
+    manifest_path = f"{root.rstrip('/')}/manifest.json"
+    if not fs.exists(manifest_path):
+        return [f"{dest}/manifest.json: missing (the dataset is incomplete or DEST is wrong)"]
+    manifest = json.loads(fs.cat_file(manifest_path))
+    problems = []
+    total = 0
+    for number, shard in enumerate(manifest["shards"], 1):
+        path = f"{root.rstrip('/')}/{shard['name']}"
+        if not fs.exists(path):
+            problems.append(f"{shard['name']}: missing")
+            continue
+        digest, size, keys, members = hashlib.sha256(), 0, Counter(), Counter()
+        with fs.open(path, "rb") as f:
+            hashing = _HashingReader(f, digest)
+            try:
+                with tarfile.open(fileobj=hashing, mode="r|") as tar:
+                    for member in tar:
+                        key, _, ext = member.name.partition(".")
+                        keys[key] += 1
+                        members[ext] += 1
+            except tarfile.TarError as e:
+                problems.append(f"{shard['name']}: not a readable tar: {e}")
+                continue
+            hashing.drain()
+            size = hashing.size
+        if size != shard["bytes"]:
+            problems.append(f"{shard['name']}: {size} bytes, manifest says {shard['bytes']}")
+        if digest.hexdigest() != shard["sha256"]:
+            problems.append(f"{shard['name']}: sha256 differs from the manifest")
+        if len(keys) != shard["samples"]:
+            problems.append(f"{shard['name']}: {len(keys)} samples, manifest says {shard['samples']}")
+        incomplete = [k for k, n in keys.items() if n != 3]
+        if incomplete:
+            problems.append(f"{shard['name']}: samples without all of .cls/.jpg/.json: {incomplete[:5]}")
+        total += len(keys)
+        progress(f"verify: {number}/{len(manifest['shards'])} {shard['name']}: {len(keys)} samples")
+    if total != manifest["total_samples"] and not problems:
+        problems.append(f"{total} samples in shards, manifest says {manifest['total_samples']}")
+    return problems
+
+
+class _HashingReader:
+    """A read-only stream that hashes and counts everything read through it."""
+
+    def __init__(self, f, digest):
+        self._f, self._digest, self.size = f, digest, 0
+
+    def read(self, n: int = -1) -> bytes:
+        data = self._f.read(n)
+        self._digest.update(data)
+        self.size += len(data)
+        return data
+
+    def drain(self) -> None:
+        while self.read(2**20):
+            pass
