@@ -22,3 +22,4 @@ test: $(VENV)/.installed
 bench: $(VENV)/.installed
 	$(PY) benchmarks/model_throughput.py
 	$(PY) benchmarks/dataprep_throughput.py
+	$(PY) benchmarks/loader_throughput.py

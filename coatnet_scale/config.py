@@ -55,6 +55,18 @@ class ModelConfig(Section):
 class DataConfig(Section):
     train_manifest: str = "data/demo/train/manifest.json"
     val_manifest: str | None = "data/demo/val/manifest.json"
+    num_workers: int = Field(2, ge=0, description="DataLoader workers per rank")
+    mode: Literal["exact", "resampled"] = "exact"
+    epoch_samples: int | None = Field(None, ge=1, description="resampled mode: samples per epoch, all ranks")
+    shuffle_buffer: int = Field(1000, ge=1)
+    corrupt_limit: float = Field(0.001, ge=0.0, le=1.0, description="fail above this fraction of bad samples")
+    crop_scale: tuple[float, float] = (0.08, 1.0)
+    hflip: bool = True
+    randaugment_ops: int = Field(2, ge=0)
+    randaugment_magnitude: int = Field(9, ge=0, le=30)
+    mixup_alpha: float = Field(0.8, ge=0.0)
+    cutmix_alpha: float = Field(1.0, ge=0.0)
+    eval_crop_ratio: float = Field(0.875, gt=0.0, le=1.0)
 
 
 class TrainConfig(Section):

@@ -1,0 +1,29 @@
+"""fsspec access for every URL the training job touches (data, checkpoints): one place that
+turns the config's `storage` section into filesystem options, applied to s3:// URLs only."""
+from __future__ import annotations
+
+import fsspec
+
+S3_PROTOCOLS = ("s3", "s3a")
+
+
+def storage_options(storage) -> dict:
+    """s3fs options from a StorageConfig (secrets unwrapped here and nowhere else)."""
+    options: dict = {}
+    if storage.endpoint_url:
+        options["endpoint_url"] = storage.endpoint_url
+    if storage.profile:
+        options["profile"] = storage.profile
+    if storage.region:
+        options["client_kwargs"] = {"region_name": storage.region}
+    for field, option in (("access_key_id", "key"), ("secret_access_key", "secret"), ("session_token", "token")):
+        secret = getattr(storage, field)
+        if secret is not None:
+            options[option] = secret.get_secret_value()
+    return options
+
+
+def url_to_fs(url: str, options: dict | None = None):
+    """(filesystem, path) for a URL or local path; S3 options only reach S3 URLs."""
+    protocol = fsspec.utils.get_protocol(url)
+    return fsspec.core.url_to_fs(url, **((options or {}) if protocol in S3_PROTOCOLS else {}))
