@@ -12,8 +12,9 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install --quiet -e '.[dev,bench]'
 	touch $@
 
+# Builds the demo corpus on first use, starts a local Ray, pretrains configs/tiny.yaml.
 demo: $(VENV)/.installed
-	$(PY) -m coatnet_scale.models --config configs/tiny.yaml
+	$(PY) -m coatnet_scale.pretrain --config configs/tiny.yaml
 
 # pytest exits 5 when it collects no test: a failure here, never a pass.
 test: $(VENV)/.installed
@@ -23,3 +24,4 @@ bench: $(VENV)/.installed
 	$(PY) benchmarks/model_throughput.py
 	$(PY) benchmarks/dataprep_throughput.py
 	$(PY) benchmarks/loader_throughput.py
+	$(PY) benchmarks/zero3_memory.py

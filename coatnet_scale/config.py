@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
 
 from coatnet_scale.models import list_models
 
@@ -36,9 +36,9 @@ class CheckpointingConfig(Section):
 
 
 class ModelConfig(Section):
-    name: str = "coatnet_0"
-    image_size: int = Field(224, ge=32, multiple_of=32)
-    num_classes: int = Field(1000, ge=1)
+    name: str = "coatnet_pico"
+    image_size: int = Field(32, ge=32, multiple_of=32)
+    num_classes: int = Field(10, ge=1)
     drop_path_rate: float = Field(0.0, ge=0.0, lt=1.0)
     checkpointing: CheckpointingConfig = CheckpointingConfig()
 
@@ -60,21 +60,23 @@ class DataConfig(Section):
     epoch_samples: int | None = Field(None, ge=1, description="resampled mode: samples per epoch, all ranks")
     shuffle_buffer: int = Field(1000, ge=1)
     corrupt_limit: float = Field(0.001, ge=0.0, le=1.0, description="fail above this fraction of bad samples")
-    crop_scale: tuple[float, float] = (0.08, 1.0)
-    hflip: bool = True
-    randaugment_ops: int = Field(2, ge=0)
+    # Augmentation defaults suit the demo digits (no flips, mild crops); configs/coatnet*.yaml
+    # set the paper's recipe.
+    crop_scale: tuple[float, float] = (0.5, 1.0)
+    hflip: bool = False
+    randaugment_ops: int = Field(0, ge=0, description="0 disables RandAugment")
     randaugment_magnitude: int = Field(9, ge=0, le=30)
-    mixup_alpha: float = Field(0.8, ge=0.0)
-    cutmix_alpha: float = Field(1.0, ge=0.0)
+    mixup_alpha: float = Field(0.0, ge=0.0, description="0 disables Mixup")
+    cutmix_alpha: float = Field(0.0, ge=0.0, description="0 disables CutMix")
     eval_crop_ratio: float = Field(0.875, gt=0.0, le=1.0)
 
 
 class TrainConfig(Section):
     seed: int = 0
-    global_batch_size: int = Field(4096, ge=1)
+    global_batch_size: int = Field(64, ge=1)
     micro_batch_size: int = Field(32, ge=1, description="per worker, per forward pass")
-    total_steps: int = Field(100_000, ge=1)
-    warmup_steps: int = Field(10_000, ge=0)
+    total_steps: int = Field(150, ge=1)
+    warmup_steps: int = Field(15, ge=0)
     schedule: Literal["cosine", "linear", "constant"] = "cosine"
     lr: float = Field(1e-3, gt=0.0)
     min_lr: float = Field(1e-5, ge=0.0)
@@ -82,6 +84,42 @@ class TrainConfig(Section):
     grad_clip: float = Field(1.0, ge=0.0, description="0 disables clipping")
     loss: Literal["softmax", "sigmoid"] = "softmax"
     label_smoothing: float = Field(0.1, ge=0.0, lt=1.0)
+    grad_accum_steps: int = Field(1, ge=1, description="global batch = micro batch x this x workers")
+    log_every: int = Field(10, ge=1, description="rank 0 prints a line every this many steps")
+    eval_every: int = Field(0, ge=0, description="evaluate every this many steps (0: only at the end)")
+    stop_at_step: int | None = Field(
+        None, ge=1, description="end this job after this step, with a checkpoint; rerun to continue (time-boxed jobs)"
+    )
+
+
+class ClusterConfig(Section):
+    """The Ray worker group: one worker per GPU, or per CPU process in smoke runs."""
+
+    num_workers: int = Field(2, ge=1)
+    use_gpu: bool = False
+    cpus_per_worker: float = Field(1.0, gt=0)
+    gpus_per_worker: float = Field(1.0, ge=0)
+    memory_per_worker_gb: float | None = Field(None, gt=0)
+    max_failures: int = Field(3, ge=-1, description="worker-group restarts before the job fails; -1: unlimited")
+
+
+class DeepSpeedConfig(Section):
+    """ZeRO-3 settings passed through to DeepSpeed (see deepspeed.ai/docs/config-json)."""
+
+    zero_stage: Literal[0, 1, 2, 3] = 3
+    bf16: bool | None = Field(None, description="default: on with GPUs, off on CPU")
+    overlap_comm: bool = True
+    reduce_bucket_size: int = Field(50_000_000, ge=1)
+    stage3_prefetch_bucket_size: int = Field(50_000_000, ge=1)
+    stage3_param_persistence_threshold: int = Field(100_000, ge=0)
+    stage3_max_live_parameters: int = Field(1_000_000_000, ge=1)
+    offload_optimizer: Literal["none", "cpu"] = "none"
+    offload_param: Literal["none", "cpu"] = "none"
+
+
+class CheckpointConfig(Section):
+    every_steps: int = Field(500, ge=1)
+    keep: int = Field(3, ge=1, description="newest complete checkpoints kept")
 
 
 class StorageConfig(Section):
@@ -100,11 +138,27 @@ class StorageConfig(Section):
 
 
 class Config(Section):
-    run_name: str = "run"
+    """Defaults are the embedded quick-start run: coatnet_pico on the demo corpus, 2 CPU workers."""
+
+    run_name: str = "demo"
     model: ModelConfig = ModelConfig()
     data: DataConfig = DataConfig()
     train: TrainConfig = TrainConfig()
+    cluster: ClusterConfig = ClusterConfig()
+    deepspeed: DeepSpeedConfig = DeepSpeedConfig()
+    checkpoint: CheckpointConfig = CheckpointConfig()
     storage: StorageConfig = StorageConfig()
+
+    @model_validator(mode="after")
+    def _batch_adds_up(self) -> "Config":
+        t, workers = self.train, self.cluster.num_workers
+        if t.micro_batch_size * t.grad_accum_steps * workers != t.global_batch_size:
+            raise ValueError(
+                f"train.global_batch_size={t.global_batch_size} must equal train.micro_batch_size="
+                f"{t.micro_batch_size} x train.grad_accum_steps={t.grad_accum_steps} x cluster.num_workers={workers} "
+                f"(= {t.micro_batch_size * t.grad_accum_steps * workers})"
+            )
+        return self
 
 
 def _valid_keys(model: type[BaseModel], prefix: str = "") -> list[str]:
@@ -118,6 +172,8 @@ def _valid_keys(model: type[BaseModel], prefix: str = "") -> list[str]:
 
 def _describe(error: dict, source: str) -> str:
     path = ".".join(str(part) for part in error["loc"])
+    if not path:  # a check across sections
+        return f"{source}: {error['msg'].removeprefix('Value error, ')}"
     if error["type"] == "extra_forbidden":
         parent = path.rpartition(".")[0]
         siblings = [k for k in _valid_keys(Config) if k.rpartition(".")[0] == parent]

@@ -1,0 +1,197 @@
+"""What each Ray Train worker runs: build the model sharded under ZeRO-3, resume from the
+newest complete checkpoint, train, evaluate, checkpoint.
+
+Bit-for-bit resume: a checkpoint is taken between optimizer steps and holds, besides
+DeepSpeed's partitioned model/optimizer/scheduler state, each rank's RNG states and loader
+position (epoch, batches consumed in it); the loader replays nothing and skips nothing (see
+coatnet_scale/data/loader.py), so N steps + resume + N steps equals 2N straight steps.
+"""
+from __future__ import annotations
+
+import json
+import time
+import warnings
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from coatnet_scale.config import Config
+from coatnet_scale.data import eval_loader, train_loader
+from coatnet_scale.engine.checkpoint import Checkpoints
+from coatnet_scale.engine.optim import lr_multiplier, param_groups
+from coatnet_scale.engine.zero import deepspeed_config
+from coatnet_scale.models import Checkpointing, create_model
+from coatnet_scale.storage import storage_options, url_to_fs
+
+
+def run_url(config: Config) -> str:
+    return f"{config.storage.url.rstrip('/')}/{config.run_name}"
+
+
+def checkpoint_url(config: Config) -> str:
+    return f"{run_url(config)}/checkpoints"
+
+
+def soft_target_loss(logits: torch.Tensor, targets: torch.Tensor, kind: str) -> torch.Tensor:
+    logits = logits.float()
+    if kind == "sigmoid":
+        return F.binary_cross_entropy_with_logits(logits, targets, reduction="sum") / len(logits)
+    return torch.sum(-targets * F.log_softmax(logits, dim=-1), dim=-1).mean()
+
+
+def build_engine(config: Config, use_gpu: bool):
+    """The DeepSpeed engine, its model built inside zero.Init so no process holds it whole."""
+    import deepspeed
+
+    # Ray Train has initialised torch.distributed already; DeepSpeed adopts that process group.
+    deepspeed.init_distributed(dist_backend="nccl" if use_gpu else "gloo", verbose=False)
+    ds_config = deepspeed_config(config, use_gpu)
+    m = config.model
+    torch.manual_seed(config.train.seed)  # the same initial weights whatever the world size
+    with deepspeed.zero.Init(config_dict_or_path=ds_config, enabled=config.deepspeed.zero_stage == 3):
+        model = create_model(
+            m.name, m.num_classes, m.image_size, m.drop_path_rate,
+            Checkpointing(m.checkpointing.every, tuple(m.checkpointing.stages)),
+        )
+    t = config.train
+    optimizer = torch.optim.AdamW(param_groups(model, t.weight_decay), lr=t.lr, betas=(0.9, 0.999))
+    min_ratio = t.min_lr / t.lr
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: lr_multiplier(step, t.warmup_steps, t.total_steps, t.schedule, min_ratio)
+    )
+    engine, optimizer, _, scheduler = deepspeed.initialize(
+        model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config
+    )
+    return engine, scheduler
+
+
+def _rng_state() -> dict:
+    state = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def _set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+def evaluate(engine, loader, device) -> dict:
+    """Top-1/top-5 over the whole validation set, summed across ranks (every rank runs the same
+    number of batches, so ZeRO-3's collective forward never waits on a rank that has finished)."""
+    engine.eval()
+    counts = torch.zeros(3, dtype=torch.float64, device=device)  # top-1 hits, top-5 hits, samples
+    with torch.no_grad():
+        for batch in loader.epoch(0):
+            logits = engine(batch["images"].to(device, non_blocking=True)).float()
+            labels = batch["targets"].to(device)
+            top5 = logits.topk(min(5, logits.shape[1]), dim=1).indices
+            counts[0] += (top5[:, 0] == labels).sum()
+            counts[1] += (top5 == labels[:, None]).any(dim=1).sum()
+            counts[2] += len(labels)
+    dist.all_reduce(counts)
+    engine.train()
+    return {"top1": (counts[0] / counts[2]).item(), "top5": (counts[1] / counts[2]).item(), "samples": int(counts[2])}
+
+
+def train_worker(loop_config: dict) -> None:
+    """The Ray Train loop. `loop_config["config"]` is a validated Config."""
+    import ray.train
+
+    config: Config = loop_config["config"]
+    # DeepSpeed calls torch.distributed APIs that warn on every collective.
+    warnings.filterwarnings("ignore", category=FutureWarning, module=r"torch\.distributed")
+    context = ray.train.get_context()
+    rank, world_size = context.get_world_rank(), context.get_world_size()
+    use_gpu = config.cluster.use_gpu
+    device = torch.device("cuda", torch.cuda.current_device()) if use_gpu else torch.device("cpu")
+    if not use_gpu:
+        torch.set_num_threads(max(1, int(config.cluster.cpus_per_worker)))
+
+    engine, scheduler = build_engine(config, use_gpu)
+    local = sum(p.ds_tensor.numel() if hasattr(p, "ds_tensor") else p.numel() for p in engine.module.parameters())
+    full = sum(getattr(p, "ds_numel", p.numel()) for p in engine.module.parameters())
+    if rank == 0:
+        print(f"ZeRO-{config.deepspeed.zero_stage}: rank 0 holds {local:,} of {full:,} parameters ({local / full:.1%})", flush=True)
+    checkpoints = Checkpoints(checkpoint_url(config), storage_options(config.storage), config.checkpoint.keep, rank, world_size)
+    step, epoch, batch_in_epoch = 0, 0, 0
+    tag = checkpoints.latest()
+    if tag is not None:
+        state = checkpoints.load(engine, tag)
+        step, epoch, batch_in_epoch = state["step"], state["epoch"], state["batch_in_epoch"]
+        _set_rng_state(state["rng"])
+        if rank == 0:
+            print(f"resumed from {checkpoints.url}/{tag}: step {step}, epoch {epoch}, batch {batch_in_epoch}", flush=True)
+    else:
+        torch.manual_seed(config.train.seed * 1000 + rank + 1)  # stochastic depth differs per rank
+
+    t = config.train
+    last_step = min(t.total_steps, t.stop_at_step or t.total_steps)
+    loader = train_loader(config, rank, world_size)
+    validation = eval_loader(config, rank, world_size) if config.data.val_manifest else None
+    batches = iter(loader.epoch(epoch, batch_in_epoch))
+    images_per_step = t.micro_batch_size * t.grad_accum_steps * world_size
+    last_metrics: dict = {}
+    history: list[dict] = []
+    window_start, window_steps, window_wait, corrupt = time.monotonic(), 0, 0.0, 0
+    while step < last_step:
+        step_start = time.monotonic()
+        loss_sum = torch.zeros((), dtype=torch.float64)
+        for _ in range(t.grad_accum_steps):
+            wait_start = time.monotonic()
+            batch = next(batches, None)
+            if batch is None:  # the epoch is over: every rank reaches this at the same step
+                epoch, batch_in_epoch = epoch + 1, 0
+                batches = iter(loader.epoch(epoch))
+                batch = next(batches)
+            window_wait += time.monotonic() - wait_start
+            batch_in_epoch += 1
+            corrupt += batch["corrupt"]
+            logits = engine(batch["images"].to(device, non_blocking=True))
+            loss = soft_target_loss(logits, batch["targets"].to(device), t.loss)
+            engine.backward(loss)
+            engine.step()
+            loss_sum += loss.detach().double().cpu()
+        step += 1
+        window_steps += 1
+        if step % t.log_every == 0 or step == last_step:
+            stats = torch.tensor([loss_sum.item() / t.grad_accum_steps, corrupt], dtype=torch.float64)
+            dist.all_reduce(stats)
+            elapsed = time.monotonic() - window_start
+            last_metrics = {
+                "step": step, "loss": stats[0].item() / world_size, "lr": scheduler.get_last_lr()[0],
+                "images_per_second": images_per_step * window_steps / elapsed,
+                "step_seconds": elapsed / window_steps, "data_wait_fraction": window_wait / elapsed,
+                "corrupt_samples": int(stats[1]),
+            }
+            history.append(last_metrics)
+            if rank == 0:
+                print(
+                    f"step {step}/{t.total_steps} loss {last_metrics['loss']:.4f} lr {last_metrics['lr']:.2e} "
+                    f"{last_metrics['images_per_second']:.1f} img/s step {last_metrics['step_seconds']:.3f}s "
+                    f"data-wait {last_metrics['data_wait_fraction']:.0%}",
+                    flush=True,
+                )
+            window_start, window_steps, window_wait = time.monotonic(), 0, 0.0
+        if validation is not None and t.eval_every and step % t.eval_every == 0 and step < last_step:
+            result = evaluate(engine, validation, device)
+            if rank == 0:
+                print(f"eval step {step}: top-1 {result['top1']:.4f} top-5 {result['top5']:.4f} ({result['samples']} images)", flush=True)
+        if step % config.checkpoint.every_steps == 0 or step == last_step:
+            trainer_state = {"step": step, "epoch": epoch, "batch_in_epoch": batch_in_epoch, "rng": _rng_state()}
+            seconds = checkpoints.save(engine, step, trainer_state)
+            if rank == 0:
+                print(f"checkpoint step {step} saved to {checkpoints.url} in {seconds:.1f}s", flush=True)
+    final = {**last_metrics, "step": step}
+    if validation is not None and step == t.total_steps:
+        result = evaluate(engine, validation, device)
+        final.update(val_top1=result["top1"], val_top5=result["top5"])
+        if rank == 0:
+            print(f"final eval: top-1 {result['top1']:.4f} top-5 {result['top5']:.4f} ({result['samples']} images)", flush=True)
+    if rank == 0:  # this job's logged steps and its final figures, for the driver and for people
+        fs, path = url_to_fs(run_url(config), storage_options(config.storage))
+        fs.pipe_file(f"{path}/metrics-step{step:09d}.json", json.dumps({"final": final, "history": history}, indent=1).encode())
+    ray.train.report(final)
