@@ -210,20 +210,27 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Co
             raise ConfigError(f"{path}: not valid YAML: {e}") from None
         if not isinstance(raw, dict):
             raise ConfigError(f"{path}: expected a mapping of sections at the top level")
-    try:
-        Config.model_validate(raw)
-    except ValidationError as e:
-        raise ConfigError("\n".join(_describe(err, source) for err in e.errors())) from None
+    # Each key is checked where it comes from; checks across sections (batch arithmetic) run
+    # once every override is in, and name the file and the overrides together.
+    _validate(raw, source, keys_only=bool(overrides))
     for item in overrides:
         key, sep, text = item.partition("=")
         if not sep or not key:
             raise ConfigError(f"--set {item!r}: expected KEY=VALUE, e.g. --set train.lr=5e-4")
         _set_dotted(raw, key.strip(), yaml.safe_load(text) if text else "")
-        try:
-            Config.model_validate(raw)
-        except ValidationError as e:
-            raise ConfigError("\n".join(_describe(err, f"--set {item}") for err in e.errors())) from None
+        _validate(raw, f"--set {item}", keys_only=True)
+    if overrides:
+        _validate(raw, f"{source} with --set {' '.join(overrides)}", keys_only=False)
     return Config.model_validate(raw)
+
+
+def _validate(raw: dict, source: str, keys_only: bool) -> None:
+    try:
+        Config.model_validate(raw)
+    except ValidationError as e:
+        errors = [err for err in e.errors() if err["loc"] or not keys_only]
+        if errors:
+            raise ConfigError("\n".join(_describe(err, source) for err in errors)) from None
 
 
 def dump_config(config: Config) -> str:

@@ -3,6 +3,7 @@ on 2 CPU workers, checkpoints, exact resume, a killed worker, and fast failure o
 import json
 import os
 import re
+import secrets
 import shutil
 import signal
 import subprocess
@@ -43,7 +44,7 @@ def read_metrics(storage: Path, run_name: str) -> dict:
     [
         ("train.global_batch_size=100", "train.global_batch_size=100 must equal train.micro_batch_size=32 x "
                                         "train.grad_accum_steps=1 x cluster.num_workers=2 (= 64)"),
-        ("model.name=coatnet_9", "model.name: unknown model; did you mean coatnet_0?"),
+        ("model.name=coatnet_9", "model.name: unknown model; did you mean coatnet_"),
         ("data.train_manifest=/nonexistent/train/manifest.json", "data.train_manifest: cannot read /nonexistent/train/manifest.json"),
         ("storage.url=/proc/coatnet-scale-cannot-write-here", "storage.url: cannot use /proc/coatnet-scale-cannot-write-here"),
         ("model.num_classes=7", "has 10 classes but model.num_classes is 7"),
@@ -96,30 +97,39 @@ def test_resume_is_bit_identical(demo_corpus, tmp_path):
 
 
 class RayCluster:
-    """`ray start --head --block` on loopback, stopped by its pid and its session's pids."""
+    """`ray start --head --block` on loopback with token authentication, stopped by its pid
+    and the pids of its session."""
 
-    def __init__(self):
+    def __init__(self, env: dict):
         self.temp_dir = tempfile.mkdtemp(prefix="ray", dir="/tmp")  # short: Ray's socket paths have a limit
-        self.gcs_port, self.dashboard_port = _free_port(), _free_port()
-        env = {**os.environ, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
-        env.pop("RAY_ADDRESS", None)
+        self.dashboard = ""
+        # Every port explicit, so nothing collides with another Ray on the machine.
+        ports = {flag: _free_port() for flag in (
+            "--port", "--dashboard-port", "--dashboard-agent-listen-port", "--dashboard-agent-grpc-port",
+            "--metrics-export-port", "--ray-client-server-port", "--runtime-env-agent-port",
+            "--node-manager-port", "--object-manager-port",
+        )}
         self.process = subprocess.Popen(
-            [str(Path(sys.executable).parent / "ray"), "start", "--head", "--block", "--port", str(self.gcs_port),
-             "--node-ip-address", "127.0.0.1", "--dashboard-host", "127.0.0.1",
-             "--dashboard-port", str(self.dashboard_port), "--num-cpus", "2", "--temp-dir", self.temp_dir],
+            [str(Path(sys.executable).parent / "ray"), "start", "--head", "--block", "--node-ip-address", "127.0.0.1",
+             "--dashboard-host", "127.0.0.1", "--num-cpus", "2", "--temp-dir", self.temp_dir,
+             *[str(x) for flag_port in ports.items() for x in flag_port]],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env,
         )
-        self.dashboard = f"http://127.0.0.1:{self.dashboard_port}"
-        from ray.job_submission import JobSubmissionClient
+        self.dashboard = f"http://127.0.0.1:{ports['--dashboard-port']}"
+        try:
+            from ray.job_submission import JobSubmissionClient
 
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                self.client = JobSubmissionClient(self.dashboard)
-                break
-            except Exception:
-                assert time.monotonic() < deadline and self.process.poll() is None, "ray start failed"
-                time.sleep(1)
+            deadline = time.monotonic() + 120
+            while True:
+                try:
+                    self.client = JobSubmissionClient(self.dashboard)
+                    break
+                except Exception:
+                    assert time.monotonic() < deadline and self.process.poll() is None, "ray start failed"
+                    time.sleep(1)
+        except BaseException:
+            self.stop()
+            raise
 
     def stop(self):
         self.process.send_signal(signal.SIGTERM)
@@ -144,16 +154,25 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_ray_job_submit_trains_and_survives_a_killed_worker(demo_corpus, tmp_path):
-    cluster = RayCluster()
+def test_ray_job_submit_trains_and_survives_a_killed_worker(demo_corpus, tmp_path, monkeypatch):
+    # Token authentication on, with a token of this test's own (clients read it from the env).
+    monkeypatch.setenv("RAY_AUTH_MODE", "token")
+    monkeypatch.setenv("RAY_AUTH_TOKEN", secrets.token_hex(32))
+    monkeypatch.setenv("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    cluster = RayCluster(dict(os.environ))
     try:
         command = pretrain_command(f"storage.url={tmp_path}", *absolute_data(demo_corpus), "run_name=job")
-        submit = subprocess.run(
-            [str(Path(sys.executable).parent / "ray"), "job", "submit", "--address", cluster.dashboard,
-             "--submission-id", "tiny-job", "--no-wait", "--", *command],
-            capture_output=True, text=True, timeout=120,
-        )
-        assert submit.returncode == 0, submit.stderr
+        for attempt in range(30):  # the head's job agent comes up a few seconds after the dashboard
+            submit = subprocess.run(
+                [str(Path(sys.executable).parent / "ray"), "job", "submit", "--address", cluster.dashboard,
+                 "--submission-id", "tiny-job", "--no-wait", "--", *command],
+                capture_output=True, text=True, timeout=120,
+            )
+            if submit.returncode == 0 or "No available agent" not in submit.stderr:
+                break
+            time.sleep(2)
+        assert submit.returncode == 0, submit.stderr[-2000:]
 
         # Once the first checkpoint (step 50) is complete, kill one training worker outright.
         marker = tmp_path / "job" / "checkpoints" / "step_000000050" / "COMPLETE.json"

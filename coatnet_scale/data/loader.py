@@ -238,8 +238,12 @@ class StreamingLoader:
     def epoch(self, epoch: int, start_batch: int = 0) -> DataLoader:
         stream = ShardStream(self.spec, self.manifest, self.rank, self.world_size, epoch, start_batch)
         workers = self.spec.num_workers
+        # A generator of its own: the DataLoader draws its workers' base seed from it, which
+        # would otherwise advance the trainer's global RNG and break bit-exact resume. Our
+        # workers seed every batch themselves, so the base seed is unused.
         return DataLoader(stream, batch_size=None, num_workers=workers, persistent_workers=False,
-                          prefetch_factor=4 if workers else None, multiprocessing_context="fork" if workers else None)
+                          prefetch_factor=4 if workers else None, multiprocessing_context="fork" if workers else None,
+                          generator=torch.Generator())
 
 
 def epoch_keys(spec: LoaderSpec, rank: int, world_size: int, epoch: int) -> list[str]:

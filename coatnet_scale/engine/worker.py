@@ -82,6 +82,12 @@ def _set_rng_state(state: dict) -> None:
 def evaluate(engine, loader, device) -> dict:
     """Top-1/top-5 over the whole validation set, summed across ranks (every rank runs the same
     number of batches, so ZeRO-3's collective forward never waits on a rank that has finished)."""
+    # Each rank's BatchNorm statistics come from its own batches; evaluate all ranks with the
+    # average, as one model (training itself normalises with batch statistics, unaffected).
+    for name, buffer in engine.module.named_buffers():
+        if name.endswith(("running_mean", "running_var")):
+            dist.all_reduce(buffer)
+            buffer /= dist.get_world_size()
     engine.eval()
     counts = torch.zeros(3, dtype=torch.float64, device=device)  # top-1 hits, top-5 hits, samples
     with torch.no_grad():
@@ -138,7 +144,6 @@ def train_worker(loop_config: dict) -> None:
     history: list[dict] = []
     window_start, window_steps, window_wait, corrupt = time.monotonic(), 0, 0.0, 0
     while step < last_step:
-        step_start = time.monotonic()
         loss_sum = torch.zeros((), dtype=torch.float64)
         for _ in range(t.grad_accum_steps):
             wait_start = time.monotonic()
