@@ -52,8 +52,12 @@ def zero3_probe(rank: int, world_size: int, port: int, model_name: str, out: str
     from coatnet_scale.models import create_model
 
     deepspeed.init_distributed(dist_backend="gloo", verbose=False)
+    # Small communication buckets, so the figure is the model states rather than DeepSpeed's
+    # fixed-size staging buffers (hundreds of MiB at the defaults, whatever the model).
+    zero = {"stage": 3, "reduce_bucket_size": 5_000_000, "stage3_prefetch_bucket_size": 5_000_000,
+            "stage3_max_live_parameters": 10_000_000, "stage3_param_persistence_threshold": 10_000}
     config = {"train_micro_batch_size_per_gpu": BATCH, "gradient_accumulation_steps": 1,
-              "train_batch_size": BATCH * world_size, "zero_optimization": {"stage": 3},
+              "train_batch_size": BATCH * world_size, "zero_optimization": zero,
               "zero_force_ds_cpu_optimizer": False, "zero_allow_untested_optimizer": True}
     torch.distributed.barrier()
     before = psutil.Process().memory_info().rss
