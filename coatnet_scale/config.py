@@ -170,6 +170,17 @@ def _valid_keys(model: type[BaseModel], prefix: str = "") -> list[str]:
     return keys
 
 
+def _secret_keys(model: type[BaseModel] = None, prefix: str = "") -> set[str]:
+    """Dotted paths of the fields that hold secrets (SecretStr)."""
+    keys = set()
+    for name, field in (model or Config).model_fields.items():
+        if "SecretStr" in str(field.annotation):
+            keys.add(prefix + name)
+        elif isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel):
+            keys |= _secret_keys(field.annotation, f"{prefix}{name}.")
+    return keys
+
+
 def _describe(error: dict, source: str) -> str:
     path = ".".join(str(part) for part in error["loc"])
     if not path:  # a check across sections
@@ -183,6 +194,8 @@ def _describe(error: dict, source: str) -> str:
     if error["type"] == "missing":
         return f"{source}: {path}: required key is missing"
     message = error["msg"].removeprefix("Value error, ")
+    if path in _secret_keys():
+        return f"{source}: {path}: {message}"  # never echo a secret
     return f"{source}: {path}: {message}; got {error['input']!r}"
 
 
@@ -217,6 +230,10 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Co
         key, sep, text = item.partition("=")
         if not sep or not key:
             raise ConfigError(f"--set {item!r}: expected KEY=VALUE, e.g. --set train.lr=5e-4")
+        if key.strip() in _secret_keys():
+            # Command lines are visible to every user of the machine (ps, job entrypoints).
+            raise ConfigError(f"--set {key.strip()}: secrets are not taken on the command line; use the "
+                              f"standard AWS environment variables or a profile (storage.profile)")
         _set_dotted(raw, key.strip(), yaml.safe_load(text) if text else "")
         _validate(raw, f"--set {item}", keys_only=True)
     if overrides:

@@ -13,6 +13,7 @@ import argparse
 import json
 import os
 import sys
+import uuid
 
 from coatnet_scale.config import Config, add_config_arguments, config_from_arguments
 from coatnet_scale.storage import storage_options, url_to_fs
@@ -46,10 +47,13 @@ def check_inputs(config: Config) -> None:
             raise PreflightError(
                 f"data.{key}: {url} has {len(manifest.classes)} classes but model.num_classes is {config.model.num_classes}"
             )
-    try:
+    try:  # write and remove a probe: the only proof that checkpoints can be written there
         fs, path = url_to_fs(config.storage.url, options)
-        fs.makedirs(path, exist_ok=True)
-        fs.ls(path)
+        if "://" not in config.storage.url:
+            fs.makedirs(path, exist_ok=True)  # on object stores a prefix needs no creating
+        probe = f"{path.rstrip('/')}/.preflight-{uuid.uuid4().hex}"
+        fs.pipe_file(probe, b"")
+        fs.rm(probe)
     except Exception as e:
         raise PreflightError(f"storage.url: cannot use {config.storage.url}: {type(e).__name__}: {e}") from None
 

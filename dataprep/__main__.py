@@ -102,6 +102,9 @@ def main(argv: list[str] | None = None) -> int:
     except (PrepError, SourceError) as e:
         print(f"dataprep: error: {e}", file=sys.stderr)
         return 2
+    except OSError as e:  # storage trouble that retries did not cure: nothing finished is lost
+        print(f"dataprep: error: {e}\ndataprep: rerun the same command to resume", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("dataprep: interrupted; rerun the same command to resume", file=sys.stderr)
         return 130

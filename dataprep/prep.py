@@ -71,11 +71,26 @@ def _init_worker(image_options: ImageOptions, storage_options: dict, die_with_pa
         ctypes.CDLL(None).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
 
 
+READ_ATTEMPTS = 4
+
+
+def _read(item: Item) -> bytes:
+    """The input's bytes. A missing or forbidden file is a rejection; anything else (throttling,
+    resets, timeouts) is retried, then fails the shard, so a rerun redoes it: output never
+    depends on network luck."""
+    for attempt in range(READ_ATTEMPTS):
+        try:
+            return read_item(item, _worker["filesystems"], _worker["storage_options"])
+        except (FileNotFoundError, IsADirectoryError, PermissionError) as e:
+            raise Rejected("unreadable", type(e).__name__) from None
+        except Exception as e:
+            if attempt == READ_ATTEMPTS - 1:
+                raise OSError(f"{item.path}: read failed {READ_ATTEMPTS} times, last: {type(e).__name__}: {e}") from e
+            time.sleep(0.5 * 2**attempt)
+
+
 def _convert(item: Item) -> tuple[bytes, int, int]:
-    try:
-        data = read_item(item, _worker["filesystems"], _worker["storage_options"])
-    except Exception as e:
-        raise Rejected("unreadable", f"{type(e).__name__}: {e}") from None
+    data = _read(item)
     try:
         return convert_image(data, _worker["image_options"])
     except Rejected:
@@ -180,7 +195,7 @@ def _class_list(items: list[Item], classes_url: str | None, storage_options: dic
     if classes_url is None:
         names = {item.class_name for item in items}
         all_numeric = all(name.isdigit() for name in names)
-        return sorted(names, key=int if all_numeric else str)
+        return sorted(names, key=(lambda n: (int(n), n)) if all_numeric else str)
     try:
         with fsspec.open(classes_url, "rt", **options_for(classes_url, storage_options)) as f:
             text = f.read()
@@ -191,8 +206,8 @@ def _class_list(items: list[Item], classes_url: str | None, storage_options: dic
     return [line.strip() for line in text.splitlines() if line.strip()]
 
 
-def _fingerprint(source: str, items: list[Item], options: PrepOptions) -> str:
-    digest = hashlib.sha256(json.dumps([source, asdict(options)], sort_keys=True).encode())
+def _fingerprint(source: str, items: list[Item], options: PrepOptions, classes: list[str]) -> str:
+    digest = hashlib.sha256(json.dumps([source, asdict(options), classes], sort_keys=True).encode())
     for item in items:
         digest.update(f"{item.path}\0{item.class_name}\0{item.length}\n".encode())
     return digest.hexdigest()
@@ -269,7 +284,7 @@ def prepare(
     ]
     items = [item for item in items if item.class_name in label_of]
     total_inputs = len(items) + len(source_rejections)
-    fingerprint = _fingerprint(source, items, options)
+    fingerprint = _fingerprint(source, items, options, classes)
     log(f"dataprep: {len(items)} inputs in {len(classes)} classes from {source}; {len(source_rejections)} rejected while listing")
 
     manifest_path = f"{root}/manifest.json"

@@ -84,7 +84,7 @@ def test_missing_file_and_bad_yaml(tmp_path):
 def test_secrets_are_redacted_when_printed(tmp_path):
     secret = "AKIAEXAMPLESECRET123"
     path = write(tmp_path, f"storage:\n  url: s3://b/p\n  secret_access_key: {secret}\n")
-    config = load_config(path, [f"storage.session_token={secret}x"])
+    config = load_config(path)
     assert config.storage.secret_access_key.get_secret_value() == secret
     text = dump_config(config)
     assert secret not in text and "'**********'" in text
@@ -95,6 +95,15 @@ def test_secrets_are_redacted_when_printed(tmp_path):
     )
     assert result.returncode == 0, result.stderr
     assert secret not in result.stdout and "s3://b/p" in result.stdout
+
+
+def test_secrets_never_echoed_in_errors_nor_taken_from_the_command_line(tmp_path):
+    with pytest.raises(ConfigError) as e:
+        load_config(write(tmp_path, "storage:\n  secret_access_key: 12345678\n"))  # a number, not a string
+    assert "storage.secret_access_key" in str(e.value) and "12345678" not in str(e.value)
+    with pytest.raises(ConfigError) as e:
+        load_config(None, ["storage.secret_access_key=SECRETXYZ", "cluster.num_workers=3"])
+    assert "SECRETXYZ" not in str(e.value) and "not taken on the command line" in str(e.value)
 
 
 def test_cli_exits_nonzero_with_message_before_doing_work(tmp_path):

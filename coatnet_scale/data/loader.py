@@ -211,7 +211,7 @@ class ShardStream(IterableDataset):
                 keys.append(sample["__key__"])
             seen, corrupt = seen + len(raw), corrupt + bad
             # Judge the fraction once it means something: after 1/limit samples, or at the end.
-            if corrupt > limit * seen and (last or seen * limit >= 1):
+            if corrupt > limit * seen and (last or limit == 0 or seen * limit >= 1):
                 raise CorruptDataError(
                     f"{corrupt} of {seen} samples could not be decoded (rank {self.rank}, worker {worker}, "
                     f"epoch {self.epoch}), more than data.corrupt_limit={limit}; the 'corrupt sample' "

@@ -50,9 +50,17 @@ class Checkpoints:
         found = []
         for path in self.fs.ls(self.root, detail=False):
             tag = path.rstrip("/").rsplit("/", 1)[-1]
-            if tag.startswith("step_") and self.fs.exists(f"{self.root}/{tag}/{MARKER}"):
+            if tag.startswith("step_") and self._marker(tag) is not None:
                 found.append((int(tag[len("step_"):]), tag))
         return sorted(found)
+
+    def _marker(self, tag: str) -> dict | None:
+        """The parsed marker, or None when absent or unreadable (a crash while writing it)."""
+        try:
+            marker = json.loads(self.fs.cat_file(f"{self.root}/{tag}/{MARKER}"))
+            return marker if {"step", "world_size", "files"} <= set(marker) else None
+        except (FileNotFoundError, ValueError):
+            return None
 
     def latest(self) -> str | None:
         complete = self.complete()
@@ -67,21 +75,39 @@ class Checkpoints:
         save_dir = self.root if self.local else self.staging
         if self.local:
             self.fs.makedirs(self.root, exist_ok=True)
-        engine.save_checkpoint(save_dir, tag=tag, save_latest=False)
-        os.makedirs(os.path.join(save_dir, tag), exist_ok=True)
-        torch.save(trainer_state, os.path.join(save_dir, tag, f"trainer_state_rank{self.rank}.pt"))
-        if not self.local:
-            staged = os.path.join(self.staging, tag)
-            for name in sorted(os.listdir(staged)):
-                self.fs.put_file(os.path.join(staged, name), f"{self.root}/{tag}/{name}")
-            shutil.rmtree(staged)
+        written = os.path.join(save_dir, tag)
+        try:
+            engine.save_checkpoint(save_dir, tag=tag, save_latest=False)
+            os.makedirs(written, exist_ok=True)
+            torch.save(trainer_state, os.path.join(written, f"trainer_state_rank{self.rank}.pt"))
+            if self.local:
+                _fsync_files(written)  # on disk before the marker can say so
+            else:
+                for name in sorted(os.listdir(written)):
+                    self.fs.put_file(os.path.join(written, name), f"{self.root}/{tag}/{name}")
+        finally:
+            if not self.local:
+                shutil.rmtree(self.staging, ignore_errors=True)
+                os.makedirs(self.staging, exist_ok=True)
         dist.barrier()  # every rank's files are in storage before the marker exists
         if self.rank == 0:
             marker = {"step": step, "world_size": self.world_size, "files": sorted(self._files(tag))}
-            self.fs.pipe_file(f"{self.root}/{tag}/{MARKER}", json.dumps(marker, indent=1).encode())
+            self._write_marker(tag, json.dumps(marker, indent=1).encode())
             self._prune()
         dist.barrier()
         return time.monotonic() - start
+
+    def _write_marker(self, tag: str, data: bytes) -> None:
+        path = f"{self.root}/{tag}/{MARKER}"
+        if not self.local:
+            self.fs.pipe_file(path, data)  # one PUT: the object appears whole or not at all
+            return
+        temporary = f"{path}.tmp"
+        with open(temporary, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(temporary, path)
 
     def _files(self, tag: str) -> list[str]:
         return [p.rsplit("/", 1)[-1] for p in self.fs.ls(f"{self.root}/{tag}", detail=False)]
@@ -103,24 +129,24 @@ class Checkpoints:
 
     def load(self, engine, tag: str) -> dict:
         """Collective: restore DeepSpeed's state and return this rank's trainer state."""
-        marker = json.loads(self.fs.cat_file(f"{self.root}/{tag}/{MARKER}"))
+        marker = self._marker(tag)
         if marker["world_size"] != self.world_size:
             raise RuntimeError(
                 f"{self.url}/{tag} was written by {marker['world_size']} workers; resuming needs the same "
                 f"number (this run has {self.world_size}). Fine-tuning consolidates it instead."
             )
-        load_dir = self.root
-        if not self.local:
-            load_dir = self.staging
-            os.makedirs(os.path.join(load_dir, tag), exist_ok=True)
-            for name in marker["files"]:
-                if self._needed(name):
-                    self.fs.get_file(f"{self.root}/{tag}/{name}", os.path.join(load_dir, tag, name))
-        engine.load_checkpoint(load_dir, tag=tag, load_optimizer_states=True, load_lr_scheduler_states=True)
-        state = torch.load(os.path.join(load_dir, tag, f"trainer_state_rank{self.rank}.pt"), weights_only=True)
-        if not self.local:
-            shutil.rmtree(os.path.join(load_dir, tag))
-        return state
+        load_dir = self.root if self.local else self.staging
+        try:
+            if not self.local:
+                os.makedirs(os.path.join(load_dir, tag), exist_ok=True)
+                for name in marker["files"]:
+                    if self._needed(name):
+                        self.fs.get_file(f"{self.root}/{tag}/{name}", os.path.join(load_dir, tag, name))
+            engine.load_checkpoint(load_dir, tag=tag, load_optimizer_states=True, load_lr_scheduler_states=True)
+            return torch.load(os.path.join(load_dir, tag, f"trainer_state_rank{self.rank}.pt"), weights_only=True)
+        finally:
+            if not self.local:
+                shutil.rmtree(os.path.join(load_dir, tag), ignore_errors=True)
 
     def _needed(self, name: str) -> bool:
         """This rank's own files, plus rank 0's non-partitioned ones (mp_rank_*)."""
@@ -129,3 +155,9 @@ class Checkpoints:
             or f"zero_pp_rank_{self.rank}_" in name
             or name == f"trainer_state_rank{self.rank}.pt"
         )
+
+
+def _fsync_files(folder: str) -> None:
+    for name in os.listdir(folder):
+        with open(os.path.join(folder, name), "rb") as f:
+            os.fsync(f.fileno())

@@ -83,11 +83,12 @@ def evaluate(engine, loader, device) -> dict:
     """Top-1/top-5 over the whole validation set, summed across ranks (every rank runs the same
     number of batches, so ZeRO-3's collective forward never waits on a rank that has finished)."""
     # Each rank's BatchNorm statistics come from its own batches; evaluate all ranks with the
-    # average, as one model (training itself normalises with batch statistics, unaffected).
-    for name, buffer in engine.module.named_buffers():
-        if name.endswith(("running_mean", "running_var")):
-            dist.all_reduce(buffer)
-            buffer /= dist.get_world_size()
+    # average, as one model, then put each rank's own back (training state stays untouched).
+    statistics = [b for n, b in engine.module.named_buffers() if n.endswith(("running_mean", "running_var"))]
+    own = [b.clone() for b in statistics]
+    for buffer in statistics:
+        dist.all_reduce(buffer)
+        buffer /= dist.get_world_size()
     engine.eval()
     counts = torch.zeros(3, dtype=torch.float64, device=device)  # top-1 hits, top-5 hits, samples
     with torch.no_grad():
@@ -99,6 +100,8 @@ def evaluate(engine, loader, device) -> dict:
             counts[1] += (top5 == labels[:, None]).any(dim=1).sum()
             counts[2] += len(labels)
     dist.all_reduce(counts)
+    for buffer, saved in zip(statistics, own):
+        buffer.copy_(saved)
     engine.train()
     return {"top1": (counts[0] / counts[2]).item(), "top5": (counts[1] / counts[2]).item(), "samples": int(counts[2])}
 
@@ -138,6 +141,8 @@ def train_worker(loop_config: dict) -> None:
     last_step = min(t.total_steps, t.stop_at_step or t.total_steps)
     loader = train_loader(config, rank, world_size)
     validation = eval_loader(config, rank, world_size) if config.data.val_manifest else None
+    if batch_in_epoch >= loader.batches_per_epoch:  # checkpointed at an epoch's end: skip reading it
+        epoch, batch_in_epoch = epoch + 1, 0
     batches = iter(loader.epoch(epoch, batch_in_epoch))
     images_per_step = t.micro_batch_size * t.grad_accum_steps * world_size
     last_metrics: dict = {}
@@ -196,7 +201,10 @@ def train_worker(loop_config: dict) -> None:
         final.update(val_top1=result["top1"], val_top5=result["top5"])
         if rank == 0:
             print(f"final eval: top-1 {result['top1']:.4f} top-5 {result['top5']:.4f} ({result['samples']} images)", flush=True)
-    if rank == 0:  # this job's logged steps and its final figures, for the driver and for people
-        fs, path = url_to_fs(run_url(config), storage_options(config.storage))
-        fs.pipe_file(f"{path}/metrics-step{step:09d}.json", json.dumps({"final": final, "history": history}, indent=1).encode())
+    fs, path = url_to_fs(run_url(config), storage_options(config.storage))
+    metrics_file = f"{path}/metrics-step{step:09d}.json"
+    # This job's logged steps and final figures, for the driver and for people; a job that had
+    # nothing left to do keeps the file of the one that did the work.
+    if rank == 0 and (history or not fs.exists(metrics_file)):
+        fs.pipe_file(metrics_file, json.dumps({"final": final, "history": history}, indent=1).encode())
     ray.train.report(final)
