@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import fsspec
 
-S3_PROTOCOLS = ("s3", "s3a")
+from dataprep.sources import options_for
 
 
 def storage_options(storage) -> dict:
@@ -25,5 +25,4 @@ def storage_options(storage) -> dict:
 
 def url_to_fs(url: str, options: dict | None = None):
     """(filesystem, path) for a URL or local path; S3 options only reach S3 URLs."""
-    protocol = fsspec.utils.get_protocol(url)
-    return fsspec.core.url_to_fs(url, **((options or {}) if protocol in S3_PROTOCOLS else {}))
+    return fsspec.core.url_to_fs(url, **options_for(url, options or {}))

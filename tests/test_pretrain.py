@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import _free_port
 
 REPO = Path(__file__).resolve().parent.parent
 TINY = REPO / "configs" / "tiny.yaml"
@@ -144,14 +145,6 @@ class RayCluster:
             except ProcessLookupError:
                 pass
         shutil.rmtree(self.temp_dir, ignore_errors=True)
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_ray_job_submit_trains_and_survives_a_killed_worker(demo_corpus, tmp_path, monkeypatch):
