@@ -125,7 +125,7 @@ def write_shard(task: ShardTask) -> dict:
                 rejected.append({"path": item.path, "reason": r.reason, "detail": r.detail})
                 continue
             meta = {"source": item.path, "class": item.class_name, "width": width, "height": height}
-            writer.add(ShardWriter.members(key, jpeg, label, meta))
+            writer.add(key, jpeg, label, meta)
         shard = None
         if writer.samples:
             size, sha256 = writer.close()

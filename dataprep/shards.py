@@ -7,6 +7,7 @@ on an object store. The same samples always give the same bytes (fixed mtime, ow
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
 import tarfile
@@ -37,26 +38,13 @@ class ShardWriter:
         info.size, info.mtime, info.mode = len(data), 0, 0o644
         info.uid = info.gid = 0
         info.uname = info.gname = ""
-        self._tar.addfile(info, _BytesReader(data))
+        self._tar.addfile(info, io.BytesIO(data))
 
-    @staticmethod
-    def members(key: str, jpeg: bytes, label: int, meta: dict) -> dict[str, bytes]:
-        return {
-            f"{key}.cls": str(label).encode(),
-            f"{key}.jpg": jpeg,
-            f"{key}.json": json.dumps(meta, sort_keys=True, separators=(",", ":")).encode(),
-        }
-
-    def add(self, members: dict[str, bytes]) -> None:
-        for name, data in members.items():
-            self._add(name, data)
+    def add(self, key: str, jpeg: bytes, label: int, meta: dict) -> None:
+        self._add(f"{key}.cls", str(label).encode())
+        self._add(f"{key}.jpg", jpeg)
+        self._add(f"{key}.json", json.dumps(meta, sort_keys=True, separators=(",", ":")).encode())
         self.samples += 1
-
-    def size_with(self, members: dict[str, bytes]) -> int:
-        """The finished tar's size if `members` were added: headers, 512-byte padding, the
-        end-of-archive blocks, and padding to tarfile's 10 KiB record."""
-        size = self._file.tell() + sum(512 + -(-len(data) // 512) * 512 for data in members.values())
-        return -(-(size + 1024) // tarfile.RECORDSIZE) * tarfile.RECORDSIZE
 
     def close(self) -> tuple[int, str]:
         """Finish the tar; return (size, sha256)."""
@@ -68,17 +56,6 @@ class ShardWriter:
         self._file.close()
         if os.path.exists(self.path):
             os.remove(self.path)
-
-
-class _BytesReader:
-    def __init__(self, data: bytes):
-        self._view, self._pos = memoryview(data), 0
-
-    def read(self, n: int = -1) -> bytes:
-        end = len(self._view) if n < 0 else self._pos + n
-        chunk = self._view[self._pos:end].tobytes()
-        self._pos += len(chunk)
-        return chunk
 
 
 def file_sha256(path: str) -> str:

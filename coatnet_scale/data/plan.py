@@ -36,10 +36,6 @@ class SlotPlan:
     segments: list[Segment]
     batch_sizes: list[int]
 
-    @property
-    def samples(self) -> int:
-        return sum(self.batch_sizes)
-
 
 def balanced_ranges(total: int, parts: int) -> list[tuple[int, int]]:
     """`parts` contiguous [start, end) ranges covering range(total), sizes differing by <= 1."""
