@@ -28,3 +28,4 @@ bench: $(VENV)/.installed
 	$(PY) benchmarks/dataprep_throughput.py
 	$(PY) benchmarks/loader_throughput.py
 	$(PY) benchmarks/zero3_memory.py
+	$(PY) benchmarks/monitoring_overhead.py

@@ -12,7 +12,6 @@ Corpus: generated photo-like JPEGs at 500x375 (ImageNet's typical size), in an I
 """
 import argparse
 import io
-import os
 import shutil
 import subprocess
 import sys

@@ -87,6 +87,7 @@ class TrainConfig(Section):
     grad_accum_steps: int = Field(1, ge=1, description="global batch = micro batch x this x workers")
     log_every: int = Field(10, ge=1, description="rank 0 prints a line every this many steps")
     eval_every: int = Field(0, ge=0, description="evaluate every this many steps (0: only at the end)")
+    ema_decay: float = Field(0.0, ge=0.0, lt=1.0, description="EMA of the weights per optimizer step; 0 disables")
     stop_at_step: int | None = Field(
         None, ge=1, description="end this job after this step, with a checkpoint; rerun to continue (time-boxed jobs)"
     )
@@ -122,6 +123,16 @@ class CheckpointConfig(Section):
     keep: int = Field(3, ge=1, description="newest complete checkpoints kept")
 
 
+class FinetuneConfig(Section):
+    """Where a run's weights start: a checkpoint of an earlier run (pretraining) or an export.
+    Set by `python -m coatnet_scale.finetune --init URL`; a run that has checkpoints of its own
+    resumes from those instead."""
+
+    init_checkpoint: str | None = Field(None, description="checkpoint URL (step folder, checkpoints or run folder) or .safetensors export")
+    init_weights: Literal["raw", "ema"] = Field("raw", description="which weights of a checkpoint to start from")
+    new_classifier: bool | None = Field(None, description="fresh classifier; default: when the class count differs")
+
+
 class StorageConfig(Section):
     """Where checkpoints go: a local path or any fsspec URL (s3://bucket/prefix, gs://...).
 
@@ -137,6 +148,24 @@ class StorageConfig(Section):
     session_token: SecretStr | None = None
 
 
+class MonitoringConfig(Section):
+    """Prometheus metrics: every training worker serves /metrics (README, Monitoring)."""
+
+    enabled: bool = True
+    address: str = Field("127.0.0.1", description="interface the exporters bind; 0.0.0.0 only when Prometheus scrapes from another host")
+    port: int = Field(0, ge=0, le=65535, description="0: each worker takes a free port; N: the worker of local rank r takes N + r")
+    targets_dir: str | None = Field(None, description="Prometheus file_sd folder, one {run_name}.json per run; default {storage.url}/prometheus")
+    peak_tflops: float | None = Field(None, gt=0, description="one device's peak TFLOP/s at the training precision, for MFU; unset: no MFU")
+    linger_seconds: float = Field(0.0, ge=0, description="keep serving /metrics this long after training, so the final values get scraped")
+
+    @field_validator("targets_dir")
+    @classmethod
+    def _absolute(cls, folder: str | None) -> str | None:
+        if folder is not None and "://" not in folder and not Path(folder).is_absolute():
+            raise ValueError("must be an absolute path or a URL (Ray workers run in another directory)")
+        return folder
+
+
 class Config(Section):
     """Defaults are the embedded quick-start run: coatnet_pico on the demo corpus, 2 CPU workers."""
 
@@ -147,7 +176,9 @@ class Config(Section):
     cluster: ClusterConfig = ClusterConfig()
     deepspeed: DeepSpeedConfig = DeepSpeedConfig()
     checkpoint: CheckpointConfig = CheckpointConfig()
+    finetune: FinetuneConfig = FinetuneConfig()
     storage: StorageConfig = StorageConfig()
+    monitoring: MonitoringConfig = MonitoringConfig()
 
     @model_validator(mode="after")
     def _batch_adds_up(self) -> "Config":

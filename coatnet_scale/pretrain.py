@@ -47,6 +47,7 @@ def check_inputs(config: Config) -> None:
             raise PreflightError(
                 f"data.{key}: {url} has {len(manifest.classes)} classes but model.num_classes is {config.model.num_classes}"
             )
+    check_initial_weights(config, options)
     try:  # write and remove a probe: the only proof that checkpoints can be written there
         fs, path = url_to_fs(config.storage.url, options)
         if "://" not in config.storage.url:
@@ -56,6 +57,32 @@ def check_inputs(config: Config) -> None:
         fs.rm(probe)
     except Exception as e:
         raise PreflightError(f"storage.url: cannot use {config.storage.url}: {type(e).__name__}: {e}") from None
+
+
+def check_initial_weights(config: Config, options: dict) -> None:
+    """finetune.init_checkpoint names a complete checkpoint or an export of the configured model."""
+    url = config.finetune.init_checkpoint
+    if url is None:
+        return
+    try:
+        if url.endswith(".safetensors"):
+            from coatnet_scale.models.weights import exported_model
+
+            fs, path = url_to_fs(url, options)
+            if not fs.exists(path):
+                raise FileNotFoundError(f"{url} does not exist")
+            with fs.open(path, "rb") as f:
+                found, model = url, exported_model(f)
+        else:
+            from coatnet_scale.engine.consolidate import find_checkpoint
+
+            found, marker = find_checkpoint(url, options)
+            model = marker["model"]
+    except Exception as e:
+        raise PreflightError(f"finetune.init_checkpoint: {e}") from None
+    if model["name"] != config.model.name:
+        raise PreflightError(f"finetune.init_checkpoint: {found} holds {model['name']}, "
+                             f"but model.name is {config.model.name}")
 
 
 def check_capacity(config: Config, resources: dict) -> None:
@@ -81,7 +108,8 @@ def with_absolute_paths(config: Config) -> Config:
         "train_manifest": absolute(config.data.train_manifest), "val_manifest": absolute(config.data.val_manifest),
     })
     storage = config.storage.model_copy(update={"url": absolute(config.storage.url)})
-    return config.model_copy(update={"data": data, "storage": storage})
+    finetune = config.finetune.model_copy(update={"init_checkpoint": absolute(config.finetune.init_checkpoint)})
+    return config.model_copy(update={"data": data, "storage": storage, "finetune": finetune})
 
 
 def run(config: Config) -> dict:
@@ -139,17 +167,21 @@ def main(argv: list[str] | None = None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     add_config_arguments(parser)
     args = parser.parse_args(argv)
-    config = config_from_arguments(args)
+    return launch(config_from_arguments(args), "pretrain")
+
+
+def launch(config: Config, command: str) -> int:
+    """Preflight, train on Ray, print the final figures: the body of `pretrain` and `finetune`."""
     config = with_absolute_paths(config)
     try:
         check_inputs(config)
         metrics = run(config)
     except PreflightError as e:
-        print(f"pretrain: {e}", file=sys.stderr)
+        print(f"{command}: {e}", file=sys.stderr)
         return 2
     final = metrics.get("final", {})
     summary = ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in final.items())
-    print(f"pretrain: {config.run_name} finished: {summary}")
+    print(f"{command}: {config.run_name} finished: {summary}")
     return 0
 
 

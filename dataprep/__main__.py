@@ -69,6 +69,12 @@ def prep_parser() -> argparse.ArgumentParser:
         help="spread shards over a Ray cluster's CPUs: ADDRESS, else $RAY_ADDRESS, else a local Ray; "
         "SOURCE and DEST must then be reachable from every node (S3, a shared filesystem)",
     )
+    group = p.add_argument_group("metrics (Prometheus; see README, Monitoring)")
+    group.add_argument("--metrics-port", type=int, metavar="PORT",
+                       help="serve /metrics on this port while sharding (0: a free port, printed)")
+    group.add_argument("--metrics-address", default="127.0.0.1", help="address to serve on (default: %(default)s)")
+    group.add_argument("--metrics-linger", type=float, default=0.0, metavar="SECONDS",
+                       help="keep serving this long after finishing, so the final counts are scraped; Ctrl-C ends it")
     add_storage_arguments(p)
     return p
 
@@ -97,8 +103,14 @@ def main(argv: list[str] | None = None) -> int:
         labels=args.labels, classes=args.classes,
         image=ImageOptions(max_side=args.max_side, min_side=args.min_side, quality=args.quality, max_pixels=args.max_pixels),
     )
+    metrics = None
+    if args.metrics_port is not None:
+        from monitoring.dataprep import DataprepMetrics
+
+        metrics = DataprepMetrics(args.split, args.metrics_address, args.metrics_port)
     try:
-        prepare(args.source, args.dest, options, args.workers, args.ray, storage_options_from(args))
+        prepare(args.source, args.dest, options, args.workers, args.ray, storage_options_from(args),
+                observe=metrics.observe if metrics else None)
     except (PrepError, SourceError) as e:
         print(f"dataprep: error: {e}", file=sys.stderr)
         return 2
@@ -108,6 +120,8 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("dataprep: interrupted; rerun the same command to resume", file=sys.stderr)
         return 130
+    if metrics is not None:
+        metrics.close(args.metrics_linger)
     return 0
 
 

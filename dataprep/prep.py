@@ -269,8 +269,12 @@ def prepare(
     ray_address: str | None = None,
     storage_options: dict | None = None,
     log=print,
+    observe=None,
 ) -> dict:
-    """Shard SOURCE into DEST; return the manifest. Safe to rerun after a crash."""
+    """Shard SOURCE into DEST; return the manifest. Safe to rerun after a crash.
+
+    `observe(record)`, if given, sees the listing's rejections and then each shard this run
+    finishes: {"shard": {...} or None, "rejected": [{"path", "reason", "detail"}, ...]}."""
     storage_options = storage_options or {}
     fs, root = open_dest(dest, storage_options)
     fs.makedirs(root, exist_ok=True)
@@ -313,6 +317,8 @@ def prepare(
         log(f"dataprep: note: {len(tasks)} shards for {workers} workers; smaller shards would use them all")
 
     pool = _make_pool(workers, ray_address, (options.image, storage_options))
+    if observe is not None:  # after the fork: an observer may start threads (a metrics server)
+        observe({"shard": None, "rejected": [asdict(r) for r in source_rejections]})
     progress = Progress(len(items), len(items) - sum(len(t.inputs) for t in tasks), len(tasks))
     try:
         for record in pool.imap_unordered(write_shard, tasks):
@@ -320,6 +326,8 @@ def prepare(
             publish_bytes(fs, f"{root}/_progress/{record['index']:06d}.json", json.dumps(record).encode())
             records[record["index"]] = record
             progress.update(record.pop("inputs"), len(record["rejected"]))
+            if observe is not None:
+                observe(record)
     finally:
         pool.terminate()
         progress.close()

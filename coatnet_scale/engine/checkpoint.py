@@ -33,8 +33,10 @@ def tag_for(step: int) -> str:
 
 
 class Checkpoints:
-    def __init__(self, url: str, storage_options: dict, keep: int, rank: int, world_size: int):
+    def __init__(self, url: str, storage_options: dict, keep: int, rank: int, world_size: int,
+                 metadata: dict | None = None):
         self.url = url.rstrip("/")
+        self.metadata = metadata or {}  # recorded in every marker, e.g. the model section for fine-tuning
         self.fs, self.root = url_to_fs(self.url, storage_options)
         self.root = self.root.rstrip("/")
         self.keep, self.rank, self.world_size = keep, rank, world_size
@@ -91,7 +93,7 @@ class Checkpoints:
                 os.makedirs(self.staging, exist_ok=True)
         dist.barrier()  # every rank's files are in storage before the marker exists
         if self.rank == 0:
-            marker = {"step": step, "world_size": self.world_size, "files": sorted(self._files(tag))}
+            marker = {"step": step, "world_size": self.world_size, "files": sorted(self._files(tag)), **self.metadata}
             self._write_marker(tag, json.dumps(marker, indent=1).encode())
             self._prune()
         dist.barrier()

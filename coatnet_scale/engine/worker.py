@@ -19,10 +19,13 @@ import torch.nn.functional as F
 from coatnet_scale.config import Config
 from coatnet_scale.data import eval_loader, train_loader
 from coatnet_scale.engine.checkpoint import Checkpoints
+from coatnet_scale.engine.ema import ShardedEMA
 from coatnet_scale.engine.optim import lr_multiplier, param_groups
+from coatnet_scale.engine.pretrained import load_initial_weights
 from coatnet_scale.engine.zero import deepspeed_config
 from coatnet_scale.models import Checkpointing, create_model
 from coatnet_scale.storage import storage_options, url_to_fs
+from monitoring.training import start_training_monitor
 
 
 def run_url(config: Config) -> str:
@@ -40,8 +43,9 @@ def soft_target_loss(logits: torch.Tensor, targets: torch.Tensor, kind: str) -> 
     return torch.sum(-targets * F.log_softmax(logits, dim=-1), dim=-1).mean()
 
 
-def build_engine(config: Config, use_gpu: bool):
-    """The DeepSpeed engine, its model built inside zero.Init so no process holds it whole."""
+def build_engine(config: Config, use_gpu: bool, initial_weights: bool = False):
+    """The DeepSpeed engine, its model built inside zero.Init so no process holds it whole, and
+    loaded from `finetune.init_checkpoint` when `initial_weights`."""
     import deepspeed
 
     # Ray Train has initialised torch.distributed already; DeepSpeed adopts that process group.
@@ -54,6 +58,10 @@ def build_engine(config: Config, use_gpu: bool):
             m.name, m.num_classes, m.image_size, m.drop_path_rate,
             Checkpointing(m.checkpointing.every, tuple(m.checkpointing.stages)),
         )
+    if initial_weights:
+        notes = load_initial_weights(model, config, storage_options(config.storage), dist.get_rank())
+        if dist.get_rank() == 0:
+            print("initial weights: " + "; ".join(notes), flush=True)
     t = config.train
     optimizer = torch.optim.AdamW(param_groups(model, t.weight_decay), lr=t.lr, betas=(0.9, 0.999))
     min_ratio = t.min_lr / t.lr
@@ -106,6 +114,23 @@ def evaluate(engine, loader, device) -> dict:
     return {"top1": (counts[0] / counts[2]).item(), "top5": (counts[1] / counts[2]).item(), "samples": int(counts[2])}
 
 
+def evaluate_with_ema(engine, loader, device, ema: ShardedEMA | None) -> dict:
+    """Top-1/top-5 of the raw weights and, with an EMA, of the averaged ones (ema_top1, ema_top5)."""
+    result = evaluate(engine, loader, device)
+    if ema is not None:
+        with ema.applied():
+            averaged = evaluate(engine, loader, device)
+        result.update(ema_top1=averaged["top1"], ema_top5=averaged["top5"])
+    return result
+
+
+def describe(result: dict) -> str:
+    text = f"top-1 {result['top1']:.4f} top-5 {result['top5']:.4f}"
+    if "ema_top1" in result:
+        text += f", EMA top-1 {result['ema_top1']:.4f} top-5 {result['ema_top5']:.4f}"
+    return f"{text} ({result['samples']} images)"
+
+
 def train_worker(loop_config: dict) -> None:
     """The Ray Train loop. `loop_config["config"]` is a validated Config."""
     import ray.train
@@ -120,18 +145,22 @@ def train_worker(loop_config: dict) -> None:
     if not use_gpu:
         torch.set_num_threads(max(1, int(config.cluster.cpus_per_worker)))
 
-    engine, scheduler = build_engine(config, use_gpu)
+    checkpoints = Checkpoints(checkpoint_url(config), storage_options(config.storage), config.checkpoint.keep, rank,
+                              world_size, metadata={"model": config.model.model_dump(mode="json")})
+    tag = checkpoints.latest()
+    engine, scheduler = build_engine(config, use_gpu, initial_weights=tag is None and bool(config.finetune.init_checkpoint))
+    ema = ShardedEMA(engine.module, config.train.ema_decay) if config.train.ema_decay else None
     local = sum(p.ds_tensor.numel() if hasattr(p, "ds_tensor") else p.numel() for p in engine.module.parameters())
     full = sum(getattr(p, "ds_numel", p.numel()) for p in engine.module.parameters())
     if rank == 0:
         print(f"ZeRO-{config.deepspeed.zero_stage}: rank 0 holds {local:,} of {full:,} parameters ({local / full:.1%})", flush=True)
-    checkpoints = Checkpoints(checkpoint_url(config), storage_options(config.storage), config.checkpoint.keep, rank, world_size)
     step, epoch, batch_in_epoch = 0, 0, 0
-    tag = checkpoints.latest()
     if tag is not None:
         state = checkpoints.load(engine, tag)
         step, epoch, batch_in_epoch = state["step"], state["epoch"], state["batch_in_epoch"]
         _set_rng_state(state["rng"])
+        if ema is not None and "ema" in state:  # else the EMA starts here, from the resumed weights
+            ema.load_state_dict(state["ema"])
         if rank == 0:
             print(f"resumed from {checkpoints.url}/{tag}: step {step}, epoch {epoch}, batch {batch_in_epoch}", flush=True)
     else:
@@ -144,6 +173,7 @@ def train_worker(loop_config: dict) -> None:
     if batch_in_epoch >= loader.batches_per_epoch:  # checkpointed at an epoch's end: skip reading it
         epoch, batch_in_epoch = epoch + 1, 0
     batches = iter(loader.epoch(epoch, batch_in_epoch))
+    monitor = start_training_monitor(config, rank, world_size, device, step, epoch)  # Prometheus /metrics
     images_per_step = t.micro_batch_size * t.grad_accum_steps * world_size
     last_metrics: dict = {}
     history: list[dict] = []
@@ -158,6 +188,7 @@ def train_worker(loop_config: dict) -> None:
                 batches = iter(loader.epoch(epoch))
                 batch = next(batches)
             window_wait += time.monotonic() - wait_start
+            monitor.batch(wait_start, batch)
             batch_in_epoch += 1
             corrupt += batch["corrupt"]
             logits = engine(batch["images"].to(device, non_blocking=True))
@@ -167,6 +198,9 @@ def train_worker(loop_config: dict) -> None:
             loss_sum += loss.detach().double().cpu()
         step += 1
         window_steps += 1
+        if ema is not None:
+            ema.update()
+        monitor.step(step, epoch, loss_sum.item() / t.grad_accum_steps, scheduler.get_last_lr()[0], engine.get_global_grad_norm())
         if step % t.log_every == 0 or step == last_step:
             stats = torch.tensor([loss_sum.item() / t.grad_accum_steps, corrupt], dtype=torch.float64)
             dist.all_reduce(stats)
@@ -178,6 +212,7 @@ def train_worker(loop_config: dict) -> None:
                 "corrupt_samples": int(stats[1]),
             }
             history.append(last_metrics)
+            monitor.log()
             if rank == 0:
                 print(
                     f"step {step}/{t.total_steps} loss {last_metrics['loss']:.4f} lr {last_metrics['lr']:.2e} "
@@ -187,20 +222,25 @@ def train_worker(loop_config: dict) -> None:
                 )
             window_start, window_steps, window_wait = time.monotonic(), 0, 0.0
         if validation is not None and t.eval_every and step % t.eval_every == 0 and step < last_step:
-            result = evaluate(engine, validation, device)
+            result = evaluate_with_ema(engine, validation, device, ema)
+            monitor.evaluated(result)
             if rank == 0:
-                print(f"eval step {step}: top-1 {result['top1']:.4f} top-5 {result['top5']:.4f} ({result['samples']} images)", flush=True)
+                print(f"eval step {step}: {describe(result)}", flush=True)
         if step % config.checkpoint.every_steps == 0 or step == last_step:
             trainer_state = {"step": step, "epoch": epoch, "batch_in_epoch": batch_in_epoch, "rng": _rng_state()}
+            if ema is not None:
+                trainer_state["ema"] = ema.state_dict()
             seconds = checkpoints.save(engine, step, trainer_state)
+            monitor.checkpoint_saved(step, seconds)
             if rank == 0:
                 print(f"checkpoint step {step} saved to {checkpoints.url} in {seconds:.1f}s", flush=True)
     final = {**last_metrics, "step": step}
     if validation is not None and step == t.total_steps:
-        result = evaluate(engine, validation, device)
-        final.update(val_top1=result["top1"], val_top5=result["top5"])
+        result = evaluate_with_ema(engine, validation, device, ema)
+        monitor.evaluated(result)
+        final.update({f"val_{k}": v for k, v in result.items() if k != "samples"})
         if rank == 0:
-            print(f"final eval: top-1 {result['top1']:.4f} top-5 {result['top5']:.4f} ({result['samples']} images)", flush=True)
+            print(f"final eval: {describe(result)}", flush=True)
     fs, path = url_to_fs(run_url(config), storage_options(config.storage))
     metrics_file = f"{path}/metrics-step{step:09d}.json"
     # This job's logged steps and final figures, for the driver and for people; a job that had
@@ -208,3 +248,4 @@ def train_worker(loop_config: dict) -> None:
     if rank == 0 and (history or not fs.exists(metrics_file)):
         fs.pipe_file(metrics_file, json.dumps({"final": final, "history": history}, indent=1).encode())
     ray.train.report(final)
+    monitor.close()  # after monitoring.linger_seconds, so the final values get scraped

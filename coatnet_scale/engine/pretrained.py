@@ -1,0 +1,84 @@
+"""Starting a run from earlier weights (`finetune.init_checkpoint`), into a model ZeRO-3 has
+already partitioned.
+
+Rank 0 reads the weights (a checkpoint of any world size, consolidated, or an export), resizes
+the relative-position tables to this run's resolution and leaves out the classifier when the
+label set changes. Then, parameter by parameter, the ranks gather it, rank 0 writes it, and
+DeepSpeed partitions it again: beyond rank 0's copy of the weights, no process ever holds more
+than one whole parameter. A bad URL or a model mismatch found on rank 0 is raised on every
+rank, so no rank is left waiting in a collective.
+"""
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+from coatnet_scale.models import create_model
+from coatnet_scale.models.weights import adapt_state_dict, exported_model
+from coatnet_scale.storage import url_to_fs
+
+
+def read_weights(url: str, weights: str, storage_options: dict) -> tuple[dict, dict]:
+    """(state dict, model section {name, num_classes, image_size}) from a checkpoint or export."""
+    if url.endswith(".safetensors"):
+        from safetensors.torch import load as load_safetensors
+
+        fs, path = url_to_fs(url, storage_options)
+        with fs.open(path, "rb") as f:
+            model = exported_model(f)
+        state = load_safetensors(fs.cat_file(path))
+        return {k: v.float() if v.is_floating_point() else v for k, v in state.items()}, model
+    from coatnet_scale.engine.consolidate import consolidate
+
+    state, marker = consolidate(url, storage_options, weights)
+    return state, marker["model"]
+
+
+def prepared_weights(config, storage_options: dict) -> tuple[dict, list[str]]:
+    """The init weights fitted to this run's model, and notes on what was adapted."""
+    f, m = config.finetune, config.model
+    state, source = read_weights(f.init_checkpoint, f.init_weights, storage_options)
+    if source["name"] != m.name:
+        raise ValueError(f"finetune.init_checkpoint: {f.init_checkpoint} holds {source['name']}, "
+                         f"but model.name is {m.name}")
+    with torch.device("meta"):
+        reference = create_model(m.name, m.num_classes, m.image_size)
+    state, notes = adapt_state_dict(state, source["image_size"], reference, f.new_classifier)
+    return state, [f"{source['name']} from {f.init_checkpoint} ({f.init_weights} weights)", *notes]
+
+
+def load_initial_weights(model: torch.nn.Module, config, storage_options: dict, rank: int) -> list[str]:
+    """Collective. Load `config.finetune.init_checkpoint` into `model`; returns the notes."""
+    import deepspeed
+
+    message = [None, None]  # [error or None, (names to load, notes)]
+    state = {}
+    if rank == 0:
+        try:
+            state, notes = prepared_weights(config, storage_options)
+            message[1] = (sorted(state), notes)
+        except Exception as e:  # raised below on every rank, after they all know
+            message[0] = f"{type(e).__name__}: {e}"
+    dist.broadcast_object_list(message, src=0)
+    if message[0] is not None:
+        raise RuntimeError(f"cannot start from finetune.init_checkpoint: {message[0]}")
+    names, notes = message[1]
+    names = set(names)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name not in names:
+                continue
+            if hasattr(param, "ds_id"):  # partitioned by ZeRO-3
+                with deepspeed.zero.GatheredParameters([param], modifier_rank=0):
+                    if rank == 0:
+                        param.data.copy_(state[name])
+            else:
+                if rank == 0:
+                    param.data.copy_(state[name])
+                dist.broadcast(param.data, src=0)
+        for name, buffer in model.named_buffers():
+            if name in names:
+                if rank == 0:
+                    buffer.copy_(state[name])
+                dist.broadcast(buffer, src=0)
+    return notes
