@@ -21,13 +21,14 @@ from coatnet_scale.models import create_model
 from coatnet_scale.models.weights import adapt_state_dict
 
 
-def load_model(url: str, weights: str = "raw", image_size: int | None = None) -> torch.nn.Module:
-    """The model held by a checkpoint or export, built at `image_size` (default: as trained)."""
+def load_model(url: str, weights: str = "raw", image_size: int | None = None) -> tuple[torch.nn.Module, dict]:
+    """The model held by a checkpoint or export, built at `image_size` (default: as trained), and
+    what its source records (name, classes, size; a checkpoint also its run's eval crop ratio)."""
     state, source = read_weights(url, weights, {})
     model = create_model(source["name"], source["num_classes"], image_size or source["image_size"])
     state, _ = adapt_state_dict(state, source["image_size"], model, new_classifier=False)
     model.load_state_dict(state, strict=True)
-    return model
+    return model, source
 
 
 @torch.no_grad()
@@ -60,14 +61,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--weights", choices=["raw", "ema"], default="raw", help="checkpoints only")
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--num-workers", type=int, default=2, help="DataLoader worker processes")
-    parser.add_argument("--crop-ratio", type=float, default=0.875)
+    parser.add_argument("--crop-ratio", type=float,
+                        help="resize to size / ratio, centre crop (default: the run's data.eval_crop_ratio, else 0.875)")
     parser.add_argument("--json", action="store_true", help="also print the result as JSON")
     args = parser.parse_args(argv)
     if args.image_size is not None and (args.image_size < 32 or args.image_size % 32):
         parser.error(f"--image-size must be a multiple of 32, got {args.image_size}")
     try:
-        model = load_model(args.checkpoint, args.weights, args.image_size)
-        result = evaluate(model, args.data, args.batch_size, args.num_workers, args.crop_ratio)
+        model, source = load_model(args.checkpoint, args.weights, args.image_size)
+        crop_ratio = args.crop_ratio or source.get("eval_crop_ratio") or 0.875
+        result = evaluate(model, args.data, args.batch_size, args.num_workers, crop_ratio)
     except (RuntimeError, ValueError, FileNotFoundError) as e:
         print(f"evaluate: {e}", file=sys.stderr)
         return 2

@@ -30,11 +30,17 @@ def export(checkpoint_url: str, out_url: str, weights: str = "raw", dtype: str =
     """Write the export; returns the checkpoint's marker (step, world size, model)."""
     state, marker = consolidate(checkpoint_url, storage_options, weights)
     fs, path = url_to_fs(out_url, storage_options)
-    if "://" not in out_url:
+    if "://" not in out_url or out_url.startswith("file://"):
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
         temporary = f"{path}.partial"
-        save_exported(temporary, state, marker["model"], DTYPES[dtype])
-        os.replace(temporary, path)
+        try:
+            save_exported(temporary, state, marker["model"], DTYPES[dtype])
+            with open(temporary, "rb") as f:
+                os.fsync(f.fileno())  # on disk before the name says it is complete
+            os.replace(temporary, path)
+        finally:
+            if os.path.exists(temporary):
+                os.remove(temporary)
     else:
         with tempfile.TemporaryDirectory(prefix="coatnet_scale_export_") as folder:
             local = os.path.join(folder, "weights.safetensors")

@@ -60,24 +60,41 @@ def check_inputs(config: Config) -> None:
 
 
 def check_initial_weights(config: Config, options: dict) -> None:
-    """finetune.init_checkpoint names a complete checkpoint or an export of the configured model."""
-    url = config.finetune.init_checkpoint
+    """finetune.init_checkpoint names a complete checkpoint or an export of the configured model,
+    with an EMA when init_weights is ema. A run with checkpoints of its own resumes from them and
+    never reads it, but it must be the one that run started from."""
+    from coatnet_scale.engine.checkpoint import Checkpoints
+    from coatnet_scale.engine.worker import checkpoint_url
+
+    url, f = config.finetune.init_checkpoint, config.finetune
+    own = Checkpoints(checkpoint_url(config), options, keep=1, rank=0, world_size=1)
+    latest = own.latest()
+    if latest is not None:
+        started_from = own._marker(latest).get("init_checkpoint")
+        if url is not None and started_from is not None and started_from != url:
+            raise PreflightError(f"finetune.init_checkpoint: run {config.run_name} started from {started_from}, "
+                                 f"not {url}; give this fine-tune another run_name")
+        return
     if url is None:
         return
     try:
         if url.endswith(".safetensors"):
             from coatnet_scale.models.weights import exported_model
 
+            if f.init_weights == "ema":
+                raise ValueError(f"{url}: an export holds one set of weights; init_weights: ema is for checkpoints")
             fs, path = url_to_fs(url, options)
             if not fs.exists(path):
                 raise FileNotFoundError(f"{url} does not exist")
-            with fs.open(path, "rb") as f:
-                found, model = url, exported_model(f)
+            with fs.open(path, "rb") as file:
+                found, model = url, exported_model(file)
         else:
             from coatnet_scale.engine.consolidate import find_checkpoint
 
             found, marker = find_checkpoint(url, options)
             model = marker["model"]
+            if f.init_weights == "ema" and not marker.get("ema"):
+                raise ValueError(f"{found} has no EMA weights (that run had train.ema_decay 0)")
     except Exception as e:
         raise PreflightError(f"finetune.init_checkpoint: {e}") from None
     if model["name"] != config.model.name:

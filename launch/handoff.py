@@ -33,7 +33,7 @@ def default_configs(model_name: str) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from coatnet_scale.config import load_config
+    from coatnet_scale.config import ConfigError, load_config
     from coatnet_scale.engine.consolidate import CheckpointError, find_checkpoint
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -41,7 +41,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--configs", nargs="+", help="fine-tune configs (default: the model's _ft384 and _ft512)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override for every fine-tune job (repeatable)")
-    parser.add_argument("--weights", choices=["raw", "ema"], default="raw", help="which weights of the checkpoint")
+    parser.add_argument("--weights", choices=["raw", "ema"], help="which weights of the checkpoint (default: as configured)")
     parser.add_argument("--address", help="Ray dashboard URL (default: $RAY_ADDRESS or http://127.0.0.1:8265)")
     parser.add_argument("--env", action="append", default=[], metavar="NAME", help="forward this environment variable")
     parser.add_argument("--no-working-dir", action="store_true", help="use the package installed on the cluster")
@@ -58,7 +58,11 @@ def main(argv: list[str] | None = None) -> int:
           f"step {marker['step']}, written by {marker['world_size']} workers", flush=True)
     configs = args.configs or default_configs(model["name"])
     for path in configs:  # every config checked before the first job is submitted
-        name = load_config(path, args.overrides).model.name
+        try:
+            name = load_config(path, args.overrides).model.name
+        except ConfigError as e:
+            print(f"handoff: config error:\n{e}", file=sys.stderr)
+            return 2
         if name != model["name"]:
             print(f"handoff: {path} fine-tunes {name}, the checkpoint holds {model['name']}", file=sys.stderr)
             return 2
@@ -66,8 +70,9 @@ def main(argv: list[str] | None = None) -> int:
     client = client_for(args.address)
     jobs = []
     for path in configs:
-        job_args = ["--config", path, "--init", checkpoint, *(f"--set={o}" for o in args.overrides),
-                    f"--set=finetune.init_weights={args.weights}"]
+        job_args = ["--config", path, "--init", checkpoint, *(f"--set={o}" for o in args.overrides)]
+        if args.weights:
+            job_args.append(f"--set=finetune.init_weights={args.weights}")
         job_id = submit(client, "finetune", job_args, forward_env=args.env, working_dir=not args.no_working_dir,
                         submission_id=f"finetune-{Path(path).stem}-{time.strftime('%Y%m%d-%H%M%S')}")
         jobs.append(job_id)

@@ -11,8 +11,10 @@ environment or instance role; `--env NAME` forwards a variable, never one that l
 secret), the job id printed, the logs followed, and the job's outcome as the exit status
 (0 succeeded, 1 failed or stopped). Ctrl-C stops following, not the job.
 
-Relative local paths in the config (storage.url, data manifests, finetune.init_checkpoint)
-are made absolute before submission: the job runs in a temporary copy of the working directory.
+The job runs in a temporary copy of this checkout, so a config inside it is named relative to
+it, and relative local paths (storage.url, data manifests, --init) are made absolute: they must
+exist on the cluster's nodes (one machine, or a shared filesystem). A config that holds a
+secret is refused: it would be uploaded with the working directory.
 The address defaults to $RAY_ADDRESS, else http://127.0.0.1:8265 (a dashboard bound to
 loopback, reached through `ray dashboard cluster.yaml` or `kubectl port-forward`).
 """
@@ -28,14 +30,15 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
-EXCLUDES = [".venv", ".git", "data", "runs", "**/__pycache__", "*.safetensors", "*.egg-info"]
+EXCLUDES = [".venv", ".git", "data", "runs", "**/__pycache__", "*.safetensors", "*.egg-info", ".env*", "*.pem", "*.key"]
 SECRET_NAME = re.compile(r"KEY|SECRET|TOKEN|PASSWORD|CREDENTIAL", re.IGNORECASE)
 COMMANDS = ("pretrain", "finetune")
 
 
-def checked_command(command: str, arguments: list[str]) -> tuple[list[str], object]:
-    """The entrypoint's argument list with relative local paths made absolute, and its config;
-    exits 2 with the config error when it does not validate."""
+def checked_command(command: str, arguments: list[str], working_dir: bool = True) -> tuple[list[str], object]:
+    """The entrypoint's argument list, and its config; exits 2 when the config does not validate
+    or holds a secret. A config inside this checkout is named relative to it (the job runs in a
+    copy of it); relative local data, storage and --init paths are made absolute."""
     sys.path.insert(0, str(REPO))
     from coatnet_scale.config import ConfigError, load_config
     from coatnet_scale.pretrain import absolute
@@ -54,14 +57,27 @@ def checked_command(command: str, arguments: list[str]) -> tuple[list[str], obje
     except (ConfigError, ValueError) as e:
         print(f"submit: config error:\n{e}", file=sys.stderr)
         raise SystemExit(2) from None
+    secrets = [k for k in ("access_key_id", "secret_access_key", "session_token") if getattr(config.storage, k)]
+    if secrets:
+        raise SystemExit(f"submit: {known.config}: storage.{secrets[0]} is set; a submitted config is uploaded to the "
+                         f"cluster. Give workers credentials through their environment or instance role.")
+
+    def rewrite(flag: str, old: str, new: str) -> None:
+        for i, a in enumerate(arguments):
+            if a == old and i and arguments[i - 1] == flag:
+                arguments[i] = new
+            elif a == f"{flag}={old}":
+                arguments[i] = f"{flag}={new}"
+
     arguments = list(arguments)
-    if known.config:  # the job runs in a copy of the working directory: name the file absolutely
-        resolved = str(Path(known.config).resolve())
-        arguments = [resolved if a == known.config else f"--config={resolved}" if a == f"--config={known.config}" else a
-                     for a in arguments]
+    if known.config and working_dir:
+        resolved = Path(known.config).resolve()
+        if resolved.is_relative_to(REPO):
+            rewrite("--config", known.config, str(resolved.relative_to(REPO)))
+    if known.init and absolute(known.init) != known.init:
+        rewrite("--init", known.init, absolute(known.init))
     for key, value in (("storage.url", config.storage.url), ("data.train_manifest", config.data.train_manifest),
-                       ("data.val_manifest", config.data.val_manifest),
-                       ("finetune.init_checkpoint", config.finetune.init_checkpoint)):
+                       ("data.val_manifest", config.data.val_manifest)):
         if value is not None and absolute(value) != value:
             arguments.append(f"--set={key}={absolute(value)}")
     return arguments, config
@@ -104,7 +120,7 @@ def submit(client, command: str, arguments: list[str], submission_id: str | None
     """Check and submit `python -m coatnet_scale.<command> <arguments>`; returns the job id."""
     if command not in COMMANDS:
         raise SystemExit(f"submit: command must be one of {', '.join(COMMANDS)}, got {command!r}")
-    arguments, config = checked_command(command, arguments)
+    arguments, config = checked_command(command, arguments, working_dir)
     entrypoint = shlex.join(["python", "-m", f"coatnet_scale.{command}", *arguments])
     submission_id = submission_id or f"{command}-{config.run_name}-{time.strftime('%Y%m%d-%H%M%S')}"
     return client.submit_job(entrypoint=entrypoint, submission_id=submission_id,

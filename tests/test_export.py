@@ -156,6 +156,6 @@ def test_an_export_serves_as_initial_weights(checkpoint, s3_bucket, tmp_path):
     state, model = read_weights(url, "raw", options)
     expected, _ = consolidate(str(folder))
     assert model == MODEL and all(torch.equal(state[k], expected[k]) for k in expected)
-    config = load_config(None, [f"finetune.init_checkpoint={url}"])  # the defaults train coatnet_pico
+    config = load_config(None, [f"finetune.init_checkpoint={url}", f"storage.url={tmp_path}"])  # trains coatnet_pico
     with pytest.raises(PreflightError, match="holds coatnet_pico_split, but model.name is coatnet_pico"):
         check_initial_weights(config, options)

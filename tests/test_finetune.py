@@ -40,7 +40,7 @@ def evaluate(checkpoint: Path, corpus: Path, *args: str) -> dict:
 # -- no cluster needed ------------------------------------------------------------------------
 
 
-def test_submit_keeps_secrets_out_and_paths_absolute(demo_corpus, monkeypatch):
+def test_submit_keeps_secrets_out_and_paths_absolute(demo_corpus, monkeypatch, tmp_path):
     from submit import checked_command, runtime_env
 
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "not-for-the-dashboard")
@@ -48,9 +48,19 @@ def test_submit_keeps_secrets_out_and_paths_absolute(demo_corpus, monkeypatch):
         runtime_env(["AWS_SECRET_ACCESS_KEY"], working_dir=False)
     monkeypatch.setenv("AWS_REGION", "eu-west-1")
     assert runtime_env(["AWS_REGION"], working_dir=False) == {"env_vars": {"AWS_REGION": "eu-west-1"}}
-    arguments, _ = checked_command("pretrain", ["--config", "configs/tiny.yaml", "--set", "storage.url=runs"])
-    assert arguments[1] == str(TINY)
+    arguments, _ = checked_command("pretrain", ["--config", str(TINY), "--set", "storage.url=runs"])
+    assert arguments[1] == "configs/tiny.yaml"  # the job runs in a copy of this checkout
     assert f"--set=storage.url={Path('runs').resolve()}" in arguments
+    arguments, _ = checked_command("finetune", ["--config", str(TINY_FT), "--init", "runs/tiny"])
+    assert arguments == ["--config", "configs/tiny_ft.yaml", "--init", str(Path("runs/tiny").resolve()),
+                         f"--set=storage.url={Path('runs').resolve()}",
+                         f"--set=data.train_manifest={Path('data/demo/train/manifest.json').resolve()}",
+                         f"--set=data.val_manifest={Path('data/demo/val/manifest.json').resolve()}"]
+    with_secret = tmp_path / "secret.yaml"
+    with_secret.write_text("storage:\n  url: s3://bucket/runs\n  secret_access_key: do-not-upload\n")
+    with pytest.raises(SystemExit, match="storage.secret_access_key is set") as refused:
+        checked_command("pretrain", ["--config", str(with_secret)])
+    assert "do-not-upload" not in str(refused.value)
     with pytest.raises(SystemExit) as exit_info:
         checked_command("pretrain", ["--config", "configs/tiny.yaml", "--set", "train.lr_warmup=3"])
     assert exit_info.value.code == 2
@@ -184,3 +194,12 @@ def test_finetune_on_one_worker_from_two(cluster, pretrained, demo_corpus):
     assert "submit: job ft1 submitted" in result.stdout and "submit: job ft1 SUCCEEDED" in result.stdout
     assert "initial weights: coatnet_pico from" in result.stdout  # the followed logs
     assert read_metrics(storage / "ft1")["final"]["val_top1"] > 0.9
+
+    # Run again with other initial weights: the run resumes from its own checkpoints, so
+    # preflight refuses rather than continue from weights it was not asked for.
+    again = subprocess.run(
+        [sys.executable, "-m", "coatnet_scale.finetune", "--config", str(TINY_FT), "--init",
+         str(storage / "job" / "checkpoints" / "step_000000100"), *(f"--set={o}" for o in overrides)],
+        capture_output=True, text=True, cwd=REPO, timeout=120,
+    )
+    assert again.returncode == 2 and f"run ft1 started from {storage / 'job'}" in again.stderr, again.stderr[-2000:]

@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 REPO = Path(__file__).resolve().parent.parent
 TINY = REPO / "configs" / "tiny.yaml"
@@ -69,10 +70,11 @@ for run in (["run_name=straight"], ["run_name=resumed", "train.stop_at_step=6"],
 
 
 def test_resume_is_bit_identical(demo_corpus, tmp_path):
-    """12 steps straight == 6 steps, stop, resume, 6 more: the same losses to the last bit,
-    with stochastic depth on (RNG states) and checkpointing mid-epoch (loader position)."""
+    """12 steps straight == 6 steps, stop, resume, 6 more: the same losses and EMA to the last
+    bit, with stochastic depth on (RNG states) and checkpointing mid-epoch (loader position)."""
     overrides = [f"storage.url={tmp_path}", *absolute_data(demo_corpus), "train.total_steps=12", "train.warmup_steps=3",
-                 "train.log_every=1", "checkpoint.every_steps=6", "model.drop_path_rate=0.2", "data.randaugment_ops=2"]
+                 "train.log_every=1", "checkpoint.every_steps=6", "model.drop_path_rate=0.2", "data.randaugment_ops=2",
+                 "train.ema_decay=0.5"]
     script = RESUME_SCRIPT.format(tiny=TINY)
     result = subprocess.run([sys.executable, "-c", script, *overrides], capture_output=True, text=True, cwd=REPO, timeout=900)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
@@ -82,3 +84,9 @@ def test_resume_is_bit_identical(demo_corpus, tmp_path):
     assert [h["step"] for h in first + second] == list(range(1, 13))
     assert [h["loss"] for h in first + second] == [h["loss"] for h in straight]
     assert "resumed from" in result.stdout + result.stderr
+    # The EMA, kept per rank under ZeRO-3, resumed with the rest: the same averaged weights.
+    from coatnet_scale.engine.consolidate import consolidate
+
+    straight_ema, _ = consolidate(str(tmp_path / "straight"), weights="ema")
+    resumed_ema, _ = consolidate(str(tmp_path / "resumed"), weights="ema")
+    assert all(torch.equal(straight_ema[k], resumed_ema[k]) for k in straight_ema)

@@ -145,7 +145,9 @@ class Checkpoints:
                     if self._needed(name):
                         self.fs.get_file(f"{self.root}/{tag}/{name}", os.path.join(load_dir, tag, name))
             engine.load_checkpoint(load_dir, tag=tag, load_optimizer_states=True, load_lr_scheduler_states=True)
-            return torch.load(os.path.join(load_dir, tag, f"trainer_state_rank{self.rank}.pt"), weights_only=True)
+            # On the CPU: a restarted group may put this rank on another GPU than the one that saved it.
+            return torch.load(os.path.join(load_dir, tag, f"trainer_state_rank{self.rank}.pt"), map_location="cpu",
+                              weights_only=True)
         finally:
             if not self.local:
                 shutil.rmtree(os.path.join(load_dir, tag), ignore_errors=True)

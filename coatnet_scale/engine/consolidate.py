@@ -22,6 +22,7 @@ from __future__ import annotations
 import math
 import os
 import re
+import shutil
 import tempfile
 from contextlib import contextmanager
 
@@ -47,6 +48,8 @@ def find_checkpoint(url: str, storage_options: dict | None = None) -> tuple[str,
         folder = url if last == "checkpoints" else f"{url}/checkpoints"
         tags = None
     checkpoints = Checkpoints(folder, options, keep=1, rank=0, world_size=1)
+    if checkpoints.staging:  # only saves and loads use it
+        shutil.rmtree(checkpoints.staging, ignore_errors=True)
     complete = {tag for _, tag in checkpoints.complete()}
     if tags is None:
         tags = sorted(complete)[-1:]

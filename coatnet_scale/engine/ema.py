@@ -64,7 +64,8 @@ class ShardedEMA:
             gathered[0].all_gather(param_list=gathered)
 
     def state_dict(self) -> dict:
-        return {"decay": self.decay, "params": self.shadow, "buffers": self.shadow_buffers}
+        return {"decay": self.decay, "params": {n: t.cpu() for n, t in self.shadow.items()},
+                "buffers": {n: t.cpu() for n, t in self.shadow_buffers.items()}}
 
     def load_state_dict(self, state: dict) -> None:
         for target, source in ((self.shadow, state["params"]), (self.shadow_buffers, state["buffers"])):

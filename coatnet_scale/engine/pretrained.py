@@ -23,6 +23,9 @@ def read_weights(url: str, weights: str, storage_options: dict) -> tuple[dict, d
     if url.endswith(".safetensors"):
         from safetensors.torch import load as load_safetensors
 
+        if weights == "ema":
+            raise ValueError(f"{url}: an export holds one set of weights; 'ema' applies to checkpoints")
+
         fs, path = url_to_fs(url, storage_options)
         with fs.open(path, "rb") as f:
             model = exported_model(f)
@@ -31,7 +34,7 @@ def read_weights(url: str, weights: str, storage_options: dict) -> tuple[dict, d
     from coatnet_scale.engine.consolidate import consolidate
 
     state, marker = consolidate(url, storage_options, weights)
-    return state, marker["model"]
+    return state, {**marker["model"], "eval_crop_ratio": marker.get("eval_crop_ratio")}
 
 
 def prepared_weights(config, storage_options: dict) -> tuple[dict, list[str]]:
@@ -45,6 +48,15 @@ def prepared_weights(config, storage_options: dict) -> tuple[dict, list[str]]:
         reference = create_model(m.name, m.num_classes, m.image_size)
     state, notes = adapt_state_dict(state, source["image_size"], reference, f.new_classifier)
     return state, [f"{source['name']} from {f.init_checkpoint} ({f.init_weights} weights)", *notes]
+
+
+def _broadcast_from_rank0(tensor: torch.Tensor, value: torch.Tensor | None) -> None:
+    """tensor <- rank 0's value, through the device the process group's backend needs
+    (before deepspeed.initialize an unpartitioned model still sits on the CPU)."""
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else tensor.device
+    staged = (value if value is not None else tensor).to(device=device, dtype=tensor.dtype).clone()
+    dist.broadcast(staged, src=0)
+    tensor.copy_(staged)
 
 
 def load_initial_weights(model: torch.nn.Module, config, storage_options: dict, rank: int) -> list[str]:
@@ -73,12 +85,8 @@ def load_initial_weights(model: torch.nn.Module, config, storage_options: dict, 
                     if rank == 0:
                         param.data.copy_(state[name])
             else:
-                if rank == 0:
-                    param.data.copy_(state[name])
-                dist.broadcast(param.data, src=0)
+                _broadcast_from_rank0(param.data, state.get(name))
         for name, buffer in model.named_buffers():
             if name in names:
-                if rank == 0:
-                    buffer.copy_(state[name])
-                dist.broadcast(buffer, src=0)
+                _broadcast_from_rank0(buffer, state.get(name))
     return notes

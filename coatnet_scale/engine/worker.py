@@ -36,6 +36,13 @@ def checkpoint_url(config: Config) -> str:
     return f"{run_url(config)}/checkpoints"
 
 
+def checkpoint_metadata(config: Config) -> dict:
+    """What every checkpoint marker records besides its files: enough for consolidation,
+    evaluation and the hand-off to know the model, and for a fine-tune to know its origin."""
+    return {"model": config.model.model_dump(mode="json"), "ema": config.train.ema_decay > 0,
+            "init_checkpoint": config.finetune.init_checkpoint, "eval_crop_ratio": config.data.eval_crop_ratio}
+
+
 def soft_target_loss(logits: torch.Tensor, targets: torch.Tensor, kind: str) -> torch.Tensor:
     logits = logits.float()
     if kind == "sigmoid":
@@ -146,26 +153,27 @@ def train_worker(loop_config: dict) -> None:
         torch.set_num_threads(max(1, int(config.cluster.cpus_per_worker)))
 
     checkpoints = Checkpoints(checkpoint_url(config), storage_options(config.storage), config.checkpoint.keep, rank,
-                              world_size, metadata={"model": config.model.model_dump(mode="json")})
+                              world_size, metadata=checkpoint_metadata(config))
     tag = checkpoints.latest()
     engine, scheduler = build_engine(config, use_gpu, initial_weights=tag is None and bool(config.finetune.init_checkpoint))
-    ema = ShardedEMA(engine.module, config.train.ema_decay) if config.train.ema_decay else None
     local = sum(p.ds_tensor.numel() if hasattr(p, "ds_tensor") else p.numel() for p in engine.module.parameters())
     full = sum(getattr(p, "ds_numel", p.numel()) for p in engine.module.parameters())
     if rank == 0:
         print(f"ZeRO-{config.deepspeed.zero_stage}: rank 0 holds {local:,} of {full:,} parameters ({local / full:.1%})", flush=True)
-    step, epoch, batch_in_epoch = 0, 0, 0
+    step, epoch, batch_in_epoch, state = 0, 0, 0, {}
     if tag is not None:
         state = checkpoints.load(engine, tag)
         step, epoch, batch_in_epoch = state["step"], state["epoch"], state["batch_in_epoch"]
         _set_rng_state(state["rng"])
-        if ema is not None and "ema" in state:  # else the EMA starts here, from the resumed weights
-            ema.load_state_dict(state["ema"])
         if rank == 0:
             print(f"resumed from {checkpoints.url}/{tag}: step {step}, epoch {epoch}, batch {batch_in_epoch}", flush=True)
     else:
         torch.manual_seed(config.train.seed * 1000 + rank + 1)  # stochastic depth differs per rank
 
+    # The EMA starts from the weights training starts from: initial, loaded, or resumed.
+    ema = ShardedEMA(engine.module, config.train.ema_decay) if config.train.ema_decay else None
+    if ema is not None and "ema" in state:
+        ema.load_state_dict(state["ema"])
     t = config.train
     last_step = min(t.total_steps, t.stop_at_step or t.total_steps)
     loader = train_loader(config, rank, world_size)
