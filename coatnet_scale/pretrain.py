@@ -77,29 +77,12 @@ def check_initial_weights(config: Config, options: dict) -> None:
         return
     if url is None:
         return
+    from coatnet_scale.engine.pretrained import describe_weights, require_model
+
     try:
-        if url.endswith(".safetensors"):
-            from coatnet_scale.models.weights import exported_model
-
-            if f.init_weights == "ema":
-                raise ValueError(f"{url}: an export holds one set of weights; init_weights: ema is for checkpoints")
-            fs, path = url_to_fs(url, options)
-            if not fs.exists(path):
-                raise FileNotFoundError(f"{url} does not exist")
-            with fs.open(path, "rb") as file:
-                found, model = url, exported_model(file)
-        else:
-            from coatnet_scale.engine.consolidate import find_checkpoint
-
-            found, marker = find_checkpoint(url, options)
-            model = marker["model"]
-            if f.init_weights == "ema" and not marker.get("ema"):
-                raise ValueError(f"{found} has no EMA weights (that run had train.ema_decay 0)")
+        require_model(config, *describe_weights(url, f.init_weights, options))
     except Exception as e:
         raise PreflightError(f"finetune.init_checkpoint: {e}") from None
-    if model["name"] != config.model.name:
-        raise PreflightError(f"finetune.init_checkpoint: {found} holds {model['name']}, "
-                             f"but model.name is {config.model.name}")
 
 
 def check_capacity(config: Config, resources: dict) -> None:

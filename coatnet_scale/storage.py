@@ -2,7 +2,11 @@
 turns the config's `storage` section into filesystem options, applied to s3:// URLs only."""
 from __future__ import annotations
 
+import os
+import tempfile
+
 import fsspec
+from fsspec.implementations.local import LocalFileSystem
 
 from dataprep.sources import options_for
 
@@ -26,3 +30,26 @@ def storage_options(storage) -> dict:
 def url_to_fs(url: str, options: dict | None = None):
     """(filesystem, path) for a URL or local path; S3 options only reach S3 URLs."""
     return fsspec.core.url_to_fs(url, **options_for(url, options or {}))
+
+
+def write_atomic(fs, path: str, data: bytes) -> None:
+    """Publish a small file whole or not at all: on a filesystem a hidden temporary file in the
+    same folder, synced, then renamed over `path`; on an object store one PUT."""
+    if not isinstance(fs, LocalFileSystem):
+        fs.pipe_file(path, data)
+        return
+    folder = os.path.dirname(path) or "."
+    os.makedirs(folder, exist_ok=True)
+    # A dot-name matches no reader's pattern (Prometheus watches *.json, checkpoints a fixed name).
+    fd, temporary = tempfile.mkstemp(prefix=".partial-", dir=folder)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(temporary, 0o644)  # mkstemp's 0600 would hide it from another user (Prometheus)
+        os.replace(temporary, path)
+    except BaseException:
+        if os.path.exists(temporary):
+            os.remove(temporary)
+        raise

@@ -20,8 +20,6 @@ from pathlib import Path
 
 from submit import REPO, client_for, follow, submit
 
-sys.path.insert(0, str(REPO))
-
 
 def default_configs(model_name: str) -> list[str]:
     stem = model_name.replace("coatnet_", "coatnet")

@@ -30,6 +30,7 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))  # these scripts run from a checkout: its coatnet_scale
 EXCLUDES = [".venv", ".git", "data", "runs", "**/__pycache__", "*.safetensors", "*.egg-info", ".env*", "*.pem", "*.key"]
 SECRET_NAME = re.compile(r"KEY|SECRET|TOKEN|PASSWORD|CREDENTIAL", re.IGNORECASE)
 COMMANDS = ("pretrain", "finetune")
@@ -39,7 +40,6 @@ def checked_command(command: str, arguments: list[str], working_dir: bool = True
     """The entrypoint's argument list, and its config; exits 2 when the config does not validate
     or holds a secret. A config inside this checkout is named relative to it (the job runs in a
     copy of it); relative local data, storage and --init paths are made absolute."""
-    sys.path.insert(0, str(REPO))
     from coatnet_scale.config import ConfigError, load_config
     from coatnet_scale.pretrain import absolute
 

@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import tempfile
 import time
 from dataclasses import dataclass
 
@@ -64,36 +62,13 @@ def file_sd(targets: list[tuple[str, dict]]) -> bytes:
 def write_targets(url: str, targets: list[tuple[str, dict]], storage_options: dict | None = None) -> None:
     """Write the target list so Prometheus never reads a half-written file: temp file + rename
     on a filesystem, one PUT on an object store."""
-    data = file_sd(targets)
-    if "://" not in url or url.startswith("file://"):
-        path = url.removeprefix("file://")
-        folder = os.path.dirname(path) or "."
-        os.makedirs(folder, exist_ok=True)
-        # Prometheus watches the folder; a dot-name that does not end in .json matches no pattern.
-        fd, temporary = tempfile.mkstemp(prefix=".targets-", dir=folder)
-        try:
-            with os.fdopen(fd, "wb") as f:
-                f.write(data)
-            os.chmod(temporary, 0o644)  # mkstemp's 0600 would hide it from a prometheus user
-            os.replace(temporary, path)
-        except BaseException:
-            if os.path.exists(temporary):
-                os.remove(temporary)
-            raise
-        return
-    from coatnet_scale.storage import url_to_fs
+    from coatnet_scale.storage import url_to_fs, write_atomic
 
     fs, path = url_to_fs(url, storage_options or {})
-    fs.pipe_file(path, data)
+    write_atomic(fs, path, file_sd(targets))
 
 
 def remove_targets(url: str, storage_options: dict | None = None) -> None:
-    if "://" not in url or url.startswith("file://"):
-        try:
-            os.remove(url.removeprefix("file://"))
-        except FileNotFoundError:
-            pass
-        return
     from coatnet_scale.storage import url_to_fs
 
     fs, path = url_to_fs(url, storage_options or {})

@@ -13,9 +13,9 @@ writes to its own local staging folder and uploads, and on load fetches only its
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
-import shutil
 import tempfile
 import time
 
@@ -23,7 +23,7 @@ import torch
 import torch.distributed as dist
 from fsspec.implementations.local import LocalFileSystem
 
-from coatnet_scale.storage import url_to_fs
+from coatnet_scale.storage import url_to_fs, write_atomic
 
 MARKER = "COMPLETE.json"
 
@@ -41,7 +41,13 @@ class Checkpoints:
         self.root = self.root.rstrip("/")
         self.keep, self.rank, self.world_size = keep, rank, world_size
         self.local = isinstance(self.fs, LocalFileSystem)
-        self.staging = None if self.local else tempfile.mkdtemp(prefix=f"coatnet_scale_ckpt_rank{rank}_")
+
+    def _staging(self):
+        """Where this rank writes or reads before an upload or after a download: the store
+        itself when local, else a temporary folder removed when the operation ends."""
+        if self.local:
+            return contextlib.nullcontext(self.root)
+        return tempfile.TemporaryDirectory(prefix=f"coatnet_scale_ckpt_rank{self.rank}_")
 
     # -- discovery -----------------------------------------------------------------------
 
@@ -74,11 +80,10 @@ class Checkpoints:
         """Collective: every rank calls it. Returns the seconds it took."""
         start = time.monotonic()
         tag = tag_for(step)
-        save_dir = self.root if self.local else self.staging
         if self.local:
             self.fs.makedirs(self.root, exist_ok=True)
-        written = os.path.join(save_dir, tag)
-        try:
+        with self._staging() as save_dir:
+            written = os.path.join(save_dir, tag)
             engine.save_checkpoint(save_dir, tag=tag, save_latest=False)
             os.makedirs(written, exist_ok=True)
             torch.save(trainer_state, os.path.join(written, f"trainer_state_rank{self.rank}.pt"))
@@ -87,29 +92,13 @@ class Checkpoints:
             else:
                 for name in sorted(os.listdir(written)):
                     self.fs.put_file(os.path.join(written, name), f"{self.root}/{tag}/{name}")
-        finally:
-            if not self.local:
-                shutil.rmtree(self.staging, ignore_errors=True)
-                os.makedirs(self.staging, exist_ok=True)
         dist.barrier()  # every rank's files are in storage before the marker exists
         if self.rank == 0:
             marker = {"step": step, "world_size": self.world_size, "files": sorted(self._files(tag)), **self.metadata}
-            self._write_marker(tag, json.dumps(marker, indent=1).encode())
+            write_atomic(self.fs, f"{self.root}/{tag}/{MARKER}", json.dumps(marker, indent=1).encode())
             self._prune()
         dist.barrier()
         return time.monotonic() - start
-
-    def _write_marker(self, tag: str, data: bytes) -> None:
-        path = f"{self.root}/{tag}/{MARKER}"
-        if not self.local:
-            self.fs.pipe_file(path, data)  # one PUT: the object appears whole or not at all
-            return
-        temporary = f"{path}.tmp"
-        with open(temporary, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(temporary, path)
 
     def _files(self, tag: str) -> list[str]:
         return [p.rsplit("/", 1)[-1] for p in self.fs.ls(f"{self.root}/{tag}", detail=False)]
@@ -137,8 +126,7 @@ class Checkpoints:
                 f"{self.url}/{tag} was written by {marker['world_size']} workers; resuming needs the same "
                 f"number (this run has {self.world_size}). Fine-tuning consolidates it instead."
             )
-        load_dir = self.root if self.local else self.staging
-        try:
+        with self._staging() as load_dir:
             if not self.local:
                 os.makedirs(os.path.join(load_dir, tag), exist_ok=True)
                 for name in marker["files"]:
@@ -148,9 +136,6 @@ class Checkpoints:
             # On the CPU: a restarted group may put this rank on another GPU than the one that saved it.
             return torch.load(os.path.join(load_dir, tag, f"trainer_state_rank{self.rank}.pt"), map_location="cpu",
                               weights_only=True)
-        finally:
-            if not self.local:
-                shutil.rmtree(os.path.join(load_dir, tag), ignore_errors=True)
 
     def _needed(self, name: str) -> bool:
         """This rank's own files, plus rank 0's non-partitioned ones (mp_rank_*)."""

@@ -22,7 +22,6 @@ from __future__ import annotations
 import math
 import os
 import re
-import shutil
 import tempfile
 from contextlib import contextmanager
 
@@ -37,8 +36,9 @@ class CheckpointError(RuntimeError):
     """A checkpoint URL that is not a complete checkpoint of this engine."""
 
 
-def find_checkpoint(url: str, storage_options: dict | None = None) -> tuple[str, dict]:
-    """(URL of the newest complete checkpoint at or under `url`, its marker)."""
+def find_checkpoint(url: str, storage_options: dict | None = None, weights: str = "raw") -> tuple[str, dict]:
+    """(URL of the newest complete checkpoint at or under `url`, its marker); with weights="ema",
+    one whose run kept an EMA."""
     url = url.rstrip("/")
     options = storage_options or {}
     last = url.rsplit("/", 1)[-1]
@@ -48,8 +48,6 @@ def find_checkpoint(url: str, storage_options: dict | None = None) -> tuple[str,
         folder = url if last == "checkpoints" else f"{url}/checkpoints"
         tags = None
     checkpoints = Checkpoints(folder, options, keep=1, rank=0, world_size=1)
-    if checkpoints.staging:  # only saves and loads use it
-        shutil.rmtree(checkpoints.staging, ignore_errors=True)
     complete = {tag for _, tag in checkpoints.complete()}
     if tags is None:
         tags = sorted(complete)[-1:]
@@ -60,6 +58,8 @@ def find_checkpoint(url: str, storage_options: dict | None = None) -> tuple[str,
     marker = checkpoints._marker(tags[0])
     if "model" not in marker:
         raise CheckpointError(f"{url}: its {MARKER} does not record the model; it predates fine-tuning support")
+    if weights == "ema" and not marker.get("ema"):
+        raise CheckpointError(f"{folder}/{tags[0]}: has no EMA weights (train.ema_decay was 0 in that run)")
     return f"{folder}/{tags[0]}", marker
 
 
@@ -100,7 +100,7 @@ def consolidate(url: str, storage_options: dict | None = None, weights: str = "r
     """(full fp32 state dict, marker) of the newest complete checkpoint at or under `url`."""
     if weights not in ("raw", "ema"):
         raise ValueError(f"weights must be 'raw' or 'ema', got {weights!r}")
-    url, marker = find_checkpoint(url, storage_options)
+    url, marker = find_checkpoint(url, storage_options)  # the files, not the marker, say whether an EMA is there
     world = marker["world_size"]
     files = marker["files"]
 

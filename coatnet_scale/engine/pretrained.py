@@ -18,32 +18,49 @@ from coatnet_scale.models.weights import adapt_state_dict, exported_model
 from coatnet_scale.storage import url_to_fs
 
 
+def describe_weights(url: str, weights: str, storage_options: dict) -> tuple[str, dict]:
+    """(where the weights are, what they hold: model name, num_classes, image_size and, for a
+    checkpoint, its run's eval_crop_ratio), from an export's header or a checkpoint's marker
+    alone: preflight's check before any worker starts, and the first step of reading them."""
+    if url.endswith(".safetensors"):
+        if weights == "ema":
+            raise ValueError(f"{url}: an export holds one set of weights; 'ema' applies to checkpoints")
+        fs, path = url_to_fs(url, storage_options)
+        if not fs.exists(path):
+            raise FileNotFoundError(f"{url} does not exist")
+        with fs.open(path, "rb") as f:
+            return url, exported_model(f)
+    from coatnet_scale.engine.consolidate import find_checkpoint
+
+    found, marker = find_checkpoint(url, storage_options, weights)
+    return found, {**marker["model"], "eval_crop_ratio": marker.get("eval_crop_ratio")}
+
+
+def require_model(config, found: str, source: dict) -> None:
+    if source["name"] != config.model.name:
+        raise ValueError(f"{found} holds {source['name']}, but model.name is {config.model.name}")
+
+
 def read_weights(url: str, weights: str, storage_options: dict) -> tuple[dict, dict]:
-    """(state dict, model section {name, num_classes, image_size}) from a checkpoint or export."""
+    """(state dict, what `describe_weights` says of it) from a checkpoint or export."""
+    found, source = describe_weights(url, weights, storage_options)
     if url.endswith(".safetensors"):
         from safetensors.torch import load as load_safetensors
 
-        if weights == "ema":
-            raise ValueError(f"{url}: an export holds one set of weights; 'ema' applies to checkpoints")
-
         fs, path = url_to_fs(url, storage_options)
-        with fs.open(path, "rb") as f:
-            model = exported_model(f)
         state = load_safetensors(fs.cat_file(path))
-        return {k: v.float() if v.is_floating_point() else v for k, v in state.items()}, model
+        return {k: v.float() if v.is_floating_point() else v for k, v in state.items()}, source
     from coatnet_scale.engine.consolidate import consolidate
 
-    state, marker = consolidate(url, storage_options, weights)
-    return state, {**marker["model"], "eval_crop_ratio": marker.get("eval_crop_ratio")}
+    state, _ = consolidate(found, storage_options, weights)
+    return state, source
 
 
 def prepared_weights(config, storage_options: dict) -> tuple[dict, list[str]]:
     """The init weights fitted to this run's model, and notes on what was adapted."""
     f, m = config.finetune, config.model
     state, source = read_weights(f.init_checkpoint, f.init_weights, storage_options)
-    if source["name"] != m.name:
-        raise ValueError(f"finetune.init_checkpoint: {f.init_checkpoint} holds {source['name']}, "
-                         f"but model.name is {m.name}")
+    require_model(config, f.init_checkpoint, source)
     with torch.device("meta"):
         reference = create_model(m.name, m.num_classes, m.image_size)
     state, notes = adapt_state_dict(state, source["image_size"], reference, f.new_classifier)
