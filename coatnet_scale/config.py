@@ -102,6 +102,12 @@ class ClusterConfig(Section):
     gpus_per_worker: float = Field(1.0, ge=0)
     memory_per_worker_gb: float | None = Field(None, gt=0)
     max_failures: int = Field(3, ge=-1, description="worker-group restarts before the job fails; -1: unlimited")
+    # Ray reports no autoscaling maximum, so the config states it: launch/cluster-aws.yaml's 32
+    # p5.48xlarge nodes are {GPU: 256, CPU: 6144}, launch/kuberay-rayjob.yaml's 32 pods {GPU: 256, CPU: 5760}.
+    max_resources: dict[str, float] | None = Field(
+        None, description="the most of each Ray resource the cluster can grow to (its autoscaling maximum); "
+                          "unset: the cluster is as large as it will get")
+    scale_up_timeout_s: float = Field(1800.0, gt=0, description="how long preflight waits for an autoscaling cluster to hold the group")
 
 
 class DeepSpeedConfig(Section):
@@ -116,11 +122,15 @@ class DeepSpeedConfig(Section):
     stage3_max_live_parameters: int = Field(1_000_000_000, ge=1)
     offload_optimizer: Literal["none", "cpu"] = "none"
     offload_param: Literal["none", "cpu"] = "none"
+    stage3_max_reuse_distance: int = Field(1_000_000_000, ge=0, description="keep a gathered parameter if it is used again within this many parameter elements")
+    zero_hpz_partition_size: int = Field(1, ge=1, description="ZeRO++ hpZ: a secondary copy of the parameters per this many "
+                                                              "consecutive ranks (one node), so backward gathers stay inside it; 1: off")
 
 
 class CheckpointConfig(Section):
     every_steps: int = Field(500, ge=1)
     keep: int = Field(3, ge=1, description="newest complete checkpoints kept")
+    at_end: bool = Field(True, description="save when the job ends (off only for throughput benchmarks)")
 
 
 class FinetuneConfig(Section):
@@ -140,6 +150,8 @@ class StorageConfig(Section):
     accepted but never printed or saved."""
 
     url: str = "runs"
+    shared: bool = Field(False, description="a local path in url is one filesystem mounted on every node (NFS, Lustre, "
+                                            "EFS); without it a local path is refused when workers span nodes")
     endpoint_url: str | None = None
     region: str | None = None
     profile: str | None = None
@@ -189,6 +201,16 @@ class Config(Section):
                 f"{t.micro_batch_size} x train.grad_accum_steps={t.grad_accum_steps} x cluster.num_workers={workers} "
                 f"(= {t.micro_batch_size * t.grad_accum_steps * workers})"
             )
+        return self
+
+    @model_validator(mode="after")
+    def _hpz_groups_fit(self) -> "Config":
+        hpz, workers = self.deepspeed.zero_hpz_partition_size, self.cluster.num_workers
+        if hpz > 1 and self.deepspeed.zero_stage != 3:
+            raise ValueError(f"deepspeed.zero_hpz_partition_size={hpz} needs deepspeed.zero_stage=3")
+        if workers % hpz:
+            raise ValueError(f"deepspeed.zero_hpz_partition_size={hpz} must divide cluster.num_workers={workers} "
+                             f"(each hpZ group is {hpz} consecutive ranks on one node)")
         return self
 
 

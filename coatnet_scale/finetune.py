@@ -17,7 +17,7 @@ import argparse
 import sys
 
 from coatnet_scale.config import ConfigError, add_config_arguments, config_from_arguments
-from coatnet_scale.pretrain import launch
+from coatnet_scale.pretrain import add_launcher_arguments, launch
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -25,6 +25,7 @@ def main(argv: list[str] | None = None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     add_config_arguments(parser)
     parser.add_argument("--init", metavar="URL", help="pretrained checkpoint or export (sets finetune.init_checkpoint)")
+    add_launcher_arguments(parser)
     args = parser.parse_args(argv)
     config = config_from_arguments(args)
     try:
@@ -37,7 +38,7 @@ def main(argv: list[str] | None = None) -> int:
         print("finetune: no pretrained weights: give --init URL (or finetune.init_checkpoint in the config)",
               file=sys.stderr)
         return 2
-    return launch(config, "finetune")
+    return launch(config, "finetune", args.without_ray)
 
 
 if __name__ == "__main__":

@@ -25,6 +25,10 @@ class PreflightError(RuntimeError):
     pass
 
 
+class JobStopped(RuntimeError):
+    """The worker group stopped retrying an error that repeated with no progress."""
+
+
 def check_inputs(config: Config) -> None:
     """Data manifests readable and storage writable, before any worker starts."""
     from coatnet_scale.data import load_manifest
@@ -150,6 +154,12 @@ def run(config: Config) -> dict:
         torch_config=TorchConfig(backend="nccl" if c.use_gpu else "gloo"),
     )
     trainer.fit()
+    from coatnet_scale.engine.failures import FailureLog
+    from coatnet_scale.engine.worker import ray_job_key, run_url
+
+    stopped = FailureLog(run_url(config), storage_options(config.storage), ray_job_key()).stopped()
+    if stopped:
+        raise JobStopped(stopped)
     return read_metrics(config)
 
 
@@ -166,19 +176,41 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m coatnet_scale.pretrain", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     add_config_arguments(parser)
+    add_launcher_arguments(parser)
     args = parser.parse_args(argv)
-    return launch(config_from_arguments(args), "pretrain")
+    return launch(config_from_arguments(args), "pretrain", args.without_ray)
 
 
-def launch(config: Config, command: str) -> int:
-    """Preflight, train on Ray, print the final figures: the body of `pretrain` and `finetune`."""
+def add_launcher_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--without-ray", action="store_true",
+                        help="run the training loop in this process, or in each process torchrun starts "
+                             "(for hosts without Ray; no restarts, no elastic groups)")
+
+
+def launch(config: Config, command: str, without_ray: bool = False) -> int:
+    """Preflight, train on Ray (or without), print the final figures: the body of `pretrain`
+    and `finetune`."""
     config = with_absolute_paths(config)
     try:
-        check_inputs(config)
-        metrics = run(config)
+        if without_ray:
+            from coatnet_scale import standalone
+
+            try:
+                standalone.run(config, check_inputs)
+            except ValueError as e:  # the group does not match the config
+                raise PreflightError(str(e)) from None
+            if int(os.environ.get("RANK", "0")) != 0:
+                return 0
+            metrics = read_metrics(config)
+        else:
+            check_inputs(config)
+            metrics = run(config)
     except PreflightError as e:
         print(f"{command}: {e}", file=sys.stderr)
         return 2
+    except JobStopped as e:
+        print(f"{command}: {config.run_name} stopped: {e}", file=sys.stderr)
+        return 1
     final = metrics.get("final", {})
     summary = ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in final.items())
     print(f"{command}: {config.run_name} finished: {summary}")

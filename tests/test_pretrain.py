@@ -3,6 +3,7 @@ and fast failure on bad configs. The run on a real `ray start` cluster, with a k
 is in test_finetune.py, where the fine-tuning hand-off starts from it."""
 import json
 import re
+import shutil
 import subprocess
 import sys
 import time
@@ -90,3 +91,27 @@ def test_resume_is_bit_identical(demo_corpus, tmp_path):
     straight_ema, _ = consolidate(str(tmp_path / "straight"), weights="ema")
     resumed_ema, _ = consolidate(str(tmp_path / "resumed"), weights="ema")
     assert all(torch.equal(straight_ema[k], resumed_ema[k]) for k in straight_ema)
+
+
+@pytest.mark.slow
+def test_a_repeated_error_stops_after_one_retry(demo_corpus, tmp_path):
+    """Shards gone after preflight read the manifest: every attempt fails the same way before any
+    checkpoint. The first retry fails alike, the next group start stops at once and says why,
+    although cluster.max_failures would allow more."""
+    corpus = tmp_path / "corpus"
+    shutil.copytree(demo_corpus / "train", corpus)
+    for shard in corpus.glob("*.tar"):
+        shard.unlink()
+    result = subprocess.run(
+        pretrain_command(f"storage.url={tmp_path}", f"data.train_manifest={corpus}/manifest.json",
+                         f"data.val_manifest={demo_corpus}/val/manifest.json", "cluster.max_failures=5",
+                         "train.total_steps=5", "monitoring.enabled=false"),
+        capture_output=True, text=True, cwd=REPO, timeout=600,
+    )
+    assert result.returncode == 1, result.stdout[-3000:] + result.stderr[-3000:]
+    message = next(line for line in result.stderr.splitlines() if line.startswith("pretrain: tiny stopped:"))
+    assert message.startswith("pretrain: tiny stopped: the same error ended the last 2 attempts, both started from "
+                              "the beginning on 2 workers on 1 node(s)"), message
+    assert "FileNotFoundError" in message and ".tar" in message and "not retrying" in message
+    records = [json.loads(p.read_text()) for p in (tmp_path / "tiny" / "failures").glob("*/*-rank*.json")]
+    assert len({r["attempt"] for r in records}) == 2  # the first run and one retry, no more

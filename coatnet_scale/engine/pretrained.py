@@ -13,6 +13,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
+from coatnet_scale.engine import collectives
 from coatnet_scale.models import create_model
 from coatnet_scale.models.weights import adapt_state_dict, exported_model
 from coatnet_scale.storage import url_to_fs
@@ -68,11 +69,10 @@ def prepared_weights(config, storage_options: dict) -> tuple[dict, list[str]]:
 
 
 def _broadcast_from_rank0(tensor: torch.Tensor, value: torch.Tensor | None) -> None:
-    """tensor <- rank 0's value, through the device the process group's backend needs
-    (before deepspeed.initialize an unpartitioned model still sits on the CPU)."""
-    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else tensor.device
-    staged = (value if value is not None else tensor).to(device=device, dtype=tensor.dtype).clone()
-    dist.broadcast(staged, src=0)
+    """tensor <- rank 0's value, through the training device (before deepspeed.initialize an
+    unpartitioned model still sits on the CPU, where NCCL cannot send it)."""
+    staged = (value if value is not None else tensor).to(device=collectives.device(), dtype=tensor.dtype).clone()
+    collectives.broadcast(staged, src=0)
     tensor.copy_(staged)
 
 

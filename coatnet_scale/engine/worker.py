@@ -1,5 +1,14 @@
-"""What each Ray Train worker runs: build the model sharded under ZeRO-3, resume from the
+"""The training loop every worker runs: build the model sharded under ZeRO-3, resume from the
 newest complete checkpoint, train, evaluate, checkpoint.
+
+One loop, two launchers: `train_worker` is what Ray Train runs (the user's path, with restarts
+and elastic groups), and coatnet_scale/standalone.py runs `train` in plain torch.distributed
+processes (one process, or one per GPU under torchrun) for hosts that have PyTorch and little
+else. Ray, s3fs and the monitoring stack are imported only when used.
+
+Precision. With bf16 the parameters are bf16 (zero.Init builds them so) and so are the inputs:
+DeepSpeed casts inputs only for fp16. Loss and BatchNorm run in fp32, and the EMA follows the
+optimizer's fp32 master weights (engine/ema.py).
 
 Bit-for-bit resume: a checkpoint is taken between optimizer steps and holds, besides
 DeepSpeed's partitioned model/optimizer/scheduler state, each rank's RNG states and loader
@@ -9,8 +18,10 @@ coatnet_scale/data/loader.py), so N steps + resume + N steps equals 2N straight 
 from __future__ import annotations
 
 import json
+import socket
 import time
 import warnings
+from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
@@ -18,14 +29,27 @@ import torch.nn.functional as F
 
 from coatnet_scale.config import Config
 from coatnet_scale.data import eval_loader, train_loader
+from coatnet_scale.engine import collectives
 from coatnet_scale.engine.checkpoint import Checkpoints
 from coatnet_scale.engine.ema import ShardedEMA
+from coatnet_scale.engine.failures import FailureLog
 from coatnet_scale.engine.optim import lr_multiplier, param_groups
 from coatnet_scale.engine.pretrained import load_initial_weights
 from coatnet_scale.engine.zero import deepspeed_config
 from coatnet_scale.models import Checkpointing, create_model
+from coatnet_scale.models.coatnet import BatchNorm2d
 from coatnet_scale.storage import storage_options, url_to_fs
-from monitoring.training import start_training_monitor
+
+
+@dataclass(frozen=True)
+class Placement:
+    """Where a worker runs, as its launcher knows it."""
+
+    rank: int
+    world_size: int
+    local_rank: int = 0
+    node: str = socket.gethostname()  # what tells nodes apart: Ray's node id, or the host name
+    job: str | None = None  # restarts of one job share it; None for a launcher that never restarts
 
 
 def run_url(config: Config) -> str:
@@ -69,6 +93,9 @@ def build_engine(config: Config, use_gpu: bool, initial_weights: bool = False):
         notes = load_initial_weights(model, config, storage_options(config.storage), dist.get_rank())
         if dist.get_rank() == 0:
             print("initial weights: " + "; ".join(notes), flush=True)
+    for module in model.modules():  # zero.Init made them bf16; fp32 before a checkpoint loads into them
+        if isinstance(module, BatchNorm2d):
+            module.fp32_statistics()
     t = config.train
     optimizer = torch.optim.AdamW(param_groups(model, t.weight_decay), lr=t.lr, betas=(0.9, 0.999))
     min_ratio = t.min_lr / t.lr
@@ -79,6 +106,23 @@ def build_engine(config: Config, use_gpu: bool, initial_weights: bool = False):
         model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config
     )
     return engine, scheduler
+
+
+def input_dtype(engine) -> torch.dtype:
+    """What the model's first layer computes in: DeepSpeed casts inputs for fp16 only."""
+    if engine.bfloat16_enabled():
+        return torch.bfloat16
+    return torch.float16 if engine.fp16_enabled() else torch.float32
+
+
+def forward_backward(engine, batch: dict, device: torch.device, loss_kind: str) -> torch.Tensor:
+    """One micro-batch through the engine (forward, backward, and the optimizer step at the end
+    of an accumulation); returns the loss, detached, on the device."""
+    logits = engine(batch["images"].to(device, dtype=input_dtype(engine), non_blocking=True))
+    loss = soft_target_loss(logits, batch["targets"].to(device, non_blocking=True), loss_kind)
+    engine.backward(loss)
+    engine.step()
+    return loss.detach()
 
 
 def _rng_state() -> dict:
@@ -102,19 +146,19 @@ def evaluate(engine, loader, device) -> dict:
     statistics = [b for n, b in engine.module.named_buffers() if n.endswith(("running_mean", "running_var"))]
     own = [b.clone() for b in statistics]
     for buffer in statistics:
-        dist.all_reduce(buffer)
+        collectives.all_reduce(buffer)
         buffer /= dist.get_world_size()
     engine.eval()
     counts = torch.zeros(3, dtype=torch.float64, device=device)  # top-1 hits, top-5 hits, samples
     with torch.no_grad():
         for batch in loader.epoch(0):
-            logits = engine(batch["images"].to(device, non_blocking=True)).float()
+            logits = engine(batch["images"].to(device, dtype=input_dtype(engine), non_blocking=True)).float()
             labels = batch["targets"].to(device)
             top5 = logits.topk(min(5, logits.shape[1]), dim=1).indices
             counts[0] += (top5[:, 0] == labels).sum()
             counts[1] += (top5 == labels[:, None]).any(dim=1).sum()
             counts[2] += len(labels)
-    dist.all_reduce(counts)
+    collectives.all_reduce(counts)
     for buffer, saved in zip(statistics, own):
         buffer.copy_(saved)
     engine.train()
@@ -138,24 +182,45 @@ def describe(result: dict) -> str:
     return f"{text} ({result['samples']} images)"
 
 
-def train_worker(loop_config: dict) -> None:
-    """The Ray Train loop. `loop_config["config"]` is a validated Config."""
-    import ray.train
-
-    config: Config = loop_config["config"]
+def train(config: Config, placement: Placement, report=None) -> dict:
+    """The loop, on one rank of an initialised torch.distributed group. Returns the final
+    figures (and hands them to `report` before monitoring lingers); a job that stopped
+    retrying a repeated error returns {"stopped": reason} without training."""
     # DeepSpeed calls torch.distributed APIs that warn on every collective.
     warnings.filterwarnings("ignore", category=FutureWarning, module=r"torch\.distributed")
-    context = ray.train.get_context()
-    rank, world_size = context.get_world_rank(), context.get_world_size()
+    rank, world_size = placement.rank, placement.world_size
     use_gpu = config.cluster.use_gpu
     device = torch.device("cuda", torch.cuda.current_device()) if use_gpu else torch.device("cpu")
+    collectives.bind(device)
     if not use_gpu:
         torch.set_num_threads(max(1, int(config.cluster.cpus_per_worker)))
-
-    checkpoints = Checkpoints(checkpoint_url(config), storage_options(config.storage), config.checkpoint.keep, rank,
-                              world_size, metadata=checkpoint_metadata(config))
+    options = storage_options(config.storage)
+    checkpoints = Checkpoints(checkpoint_url(config), options, config.checkpoint.keep, rank, world_size,
+                              metadata=checkpoint_metadata(config))
     tag = checkpoints.latest()
-    engine, scheduler = build_engine(config, use_gpu, initial_weights=tag is None and bool(config.finetune.init_checkpoint))
+    failures = FailureLog(run_url(config), options, placement.job) if placement.job else None
+    attempt, stop = failures.start(tag, rank, world_size, placement.node) if failures else (None, None)
+    if stop is not None:
+        if rank == 0:
+            print(f"stopping: {stop}", flush=True)
+        final = {"stopped": stop}
+        if report is not None:
+            report(final)
+        return final
+    progress = {"step": 0}  # where a failure happened, for its record
+    try:
+        return _train(config, placement, device, checkpoints, tag, report, progress)
+    except Exception as error:
+        if failures is not None:
+            failures.record(attempt, rank, progress["step"], error)
+        raise
+
+
+def _train(config: Config, placement: Placement, device: torch.device, checkpoints: Checkpoints, tag: str | None,
+           report, progress: dict) -> dict:
+    rank, world_size = placement.rank, placement.world_size
+    engine, scheduler = build_engine(config, config.cluster.use_gpu,
+                                     initial_weights=tag is None and bool(config.finetune.init_checkpoint))
     local = sum(p.ds_tensor.numel() if hasattr(p, "ds_tensor") else p.numel() for p in engine.module.parameters())
     full = sum(getattr(p, "ds_numel", p.numel()) for p in engine.module.parameters())
     if rank == 0:
@@ -169,9 +234,10 @@ def train_worker(loop_config: dict) -> None:
             print(f"resumed from {checkpoints.url}/{tag}: step {step}, epoch {epoch}, batch {batch_in_epoch}", flush=True)
     else:
         torch.manual_seed(config.train.seed * 1000 + rank + 1)  # stochastic depth differs per rank
+    progress["step"] = step
 
     # The EMA starts from the weights training starts from: initial, loaded, or resumed.
-    ema = ShardedEMA(engine.module, config.train.ema_decay) if config.train.ema_decay else None
+    ema = ShardedEMA(engine.module, config.train.ema_decay, engine.optimizer) if config.train.ema_decay else None
     if ema is not None and "ema" in state:
         ema.load_state_dict(state["ema"])
     t = config.train
@@ -181,13 +247,13 @@ def train_worker(loop_config: dict) -> None:
     if batch_in_epoch >= loader.batches_per_epoch:  # checkpointed at an epoch's end: skip reading it
         epoch, batch_in_epoch = epoch + 1, 0
     batches = iter(loader.epoch(epoch, batch_in_epoch))
-    monitor = start_training_monitor(config, rank, world_size, device, step, epoch)  # Prometheus /metrics
+    monitor = _monitor(config, rank, world_size, device, step, epoch)
     images_per_step = t.micro_batch_size * t.grad_accum_steps * world_size
     last_metrics: dict = {}
     history: list[dict] = []
     window_start, window_steps, window_wait, corrupt = time.monotonic(), 0, 0.0, 0
     while step < last_step:
-        loss_sum = torch.zeros((), dtype=torch.float64)
+        loss_sum = torch.zeros((), dtype=torch.float64, device=device)
         for _ in range(t.grad_accum_steps):
             wait_start = time.monotonic()
             batch = next(batches, None)
@@ -199,26 +265,25 @@ def train_worker(loop_config: dict) -> None:
             monitor.batch(wait_start, batch)
             batch_in_epoch += 1
             corrupt += batch["corrupt"]
-            logits = engine(batch["images"].to(device, non_blocking=True))
-            loss = soft_target_loss(logits, batch["targets"].to(device), t.loss)
-            engine.backward(loss)
-            engine.step()
-            loss_sum += loss.detach().double().cpu()
+            loss_sum += forward_backward(engine, batch, device, t.loss)
         step += 1
+        progress["step"] = step
         window_steps += 1
         if ema is not None:
             ema.update()
-        monitor.step(step, epoch, loss_sum.item() / t.grad_accum_steps, scheduler.get_last_lr()[0], engine.get_global_grad_norm())
+        step_loss = loss_sum.item() / t.grad_accum_steps
+        monitor.step(step, epoch, step_loss, scheduler.get_last_lr()[0], engine.get_global_grad_norm())
         if step % t.log_every == 0 or step == last_step:
-            stats = torch.tensor([loss_sum.item() / t.grad_accum_steps, corrupt], dtype=torch.float64)
-            dist.all_reduce(stats)
+            stats = collectives.sum_over_ranks([step_loss, corrupt], device)
             elapsed = time.monotonic() - window_start
             last_metrics = {
                 "step": step, "loss": stats[0].item() / world_size, "lr": scheduler.get_last_lr()[0],
                 "images_per_second": images_per_step * window_steps / elapsed,
                 "step_seconds": elapsed / window_steps, "data_wait_fraction": window_wait / elapsed,
-                "corrupt_samples": int(stats[1]),
+                "corrupt_samples": int(stats[1].item()),
             }
+            if device.type == "cuda":  # what the planner predicts (python -m coatnet_scale.plan)
+                last_metrics["max_memory_allocated"] = torch.cuda.max_memory_allocated(device)
             history.append(last_metrics)
             monitor.log()
             if rank == 0:
@@ -234,12 +299,13 @@ def train_worker(loop_config: dict) -> None:
             monitor.evaluated(result)
             if rank == 0:
                 print(f"eval step {step}: {describe(result)}", flush=True)
-        if step % config.checkpoint.every_steps == 0 or step == last_step:
+        if step % config.checkpoint.every_steps == 0 or (step == last_step and config.checkpoint.at_end):
             trainer_state = {"step": step, "epoch": epoch, "batch_in_epoch": batch_in_epoch, "rng": _rng_state()}
             if ema is not None:
                 trainer_state["ema"] = ema.state_dict()
             seconds = checkpoints.save(engine, step, trainer_state)
             monitor.checkpoint_saved(step, seconds)
+            last_metrics["checkpoint_seconds"] = seconds
             if rank == 0:
                 print(f"checkpoint step {step} saved to {checkpoints.url} in {seconds:.1f}s", flush=True)
     final = {**last_metrics, "step": step}
@@ -254,6 +320,47 @@ def train_worker(loop_config: dict) -> None:
     # This job's logged steps and final figures, for the driver and for people; a job that had
     # nothing left to do keeps the file of the one that did the work.
     if rank == 0 and (history or not fs.exists(metrics_file)):
+        if "://" not in config.storage.url:  # no checkpoint may have made the run's folder
+            fs.makedirs(path, exist_ok=True)
         fs.pipe_file(metrics_file, json.dumps({"final": final, "history": history}, indent=1).encode())
-    ray.train.report(final)
+    if report is not None:
+        report(final)
     monitor.close()  # after monitoring.linger_seconds, so the final values get scraped
+    return final
+
+
+class _Unmonitored:
+    """Every call the loop makes on a monitor, doing nothing, without the Prometheus client."""
+
+    def __getattr__(self, name):
+        return lambda *args, **kwargs: None
+
+
+def _monitor(config: Config, rank: int, world_size: int, device, step: int, epoch: int):
+    """Prometheus /metrics for this worker (monitoring/training.py), when monitoring is on."""
+    if not config.monitoring.enabled:
+        return _Unmonitored()
+    from monitoring.training import start_training_monitor
+
+    return start_training_monitor(config, rank, world_size, device, step, epoch)
+
+
+def train_worker(loop_config: dict) -> None:
+    """What Ray Train runs on each worker. `loop_config["config"]` is a validated Config."""
+    import ray
+    import ray.train
+
+    context = ray.train.get_context()
+    runtime = ray.get_runtime_context()
+    placement = Placement(context.get_world_rank(), context.get_world_size(), context.get_local_rank(),
+                          node=runtime.get_node_id(), job=ray_job_key())
+    train(loop_config["config"], placement, report=ray.train.report)
+
+
+def ray_job_key() -> str:
+    """Names this Ray job: the worker groups of one job (its restarts) share it; a rerun of the
+    command is another job."""
+    import ray
+
+    runtime = ray.get_runtime_context()
+    return f"{runtime.get_session_name()}-job{runtime.get_job_id()}"

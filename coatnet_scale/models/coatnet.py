@@ -118,6 +118,30 @@ class Conv2d(nn.Conv2d):
             nn.init.zeros_(self.bias)
 
 
+class BatchNorm2d(nn.BatchNorm2d):
+    """BatchNorm with fp32 running statistics and fp32 arithmetic whatever the weights' dtype.
+
+    Under bf16 (deepspeed.zero.Init creates every floating tensor in bf16, buffers included)
+    a momentum-0.1 update of a bf16 running mean rounds away, and ranks' statistics summed in
+    bf16 lose more. The statistics are turned back to fp32 the first time they are seen in
+    another dtype (call `fp32_statistics` before loading a checkpoint into a bf16-built model);
+    the input keeps its dtype (PyTorch's CPU and CUDA kernels normalise a bf16 input with fp32
+    weights and statistics in fp32), so no fp32 copy of it is saved for backward.
+    """
+
+    def fp32_statistics(self) -> None:
+        for buffer in (self.running_mean, self.running_var):
+            if buffer.dtype != torch.float32:
+                buffer.data = buffer.data.float()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.fp32_statistics()
+        if self.training:
+            self.num_batches_tracked.add_(1)
+        return F.batch_norm(x, self.running_mean, self.running_var, self.weight.float(), self.bias.float(),
+                            self.training, self.momentum, self.eps)
+
+
 # ---------------------------------------------------------------------------------------
 # Blocks
 
@@ -153,11 +177,11 @@ class MBConv(nn.Module):
         self.shortcut = None
         if stride != 1 or dim_in != dim_out:
             self.shortcut = Conv2d(dim_in, dim_out, 1)
-        self.norm = nn.BatchNorm2d(dim_in)
+        self.norm = BatchNorm2d(dim_in)
         self.expand = Conv2d(dim_in, hidden, 1, bias=False)
-        self.expand_norm = nn.BatchNorm2d(hidden)
+        self.expand_norm = BatchNorm2d(hidden)
         self.depthwise = Conv2d(hidden, hidden, 3, stride=stride, padding=1, groups=hidden, bias=False)
-        self.depthwise_norm = nn.BatchNorm2d(hidden)
+        self.depthwise_norm = BatchNorm2d(hidden)
         self.se = SqueezeExcite(hidden, max(1, dim_in // 4))
         self.project = Conv2d(hidden, dim_out, 1)
         self.drop_path = StochasticDepth(drop_path, "row")
@@ -276,7 +300,7 @@ class CoAtNet(nn.Module):
         self.checkpointing = checkpointing
         self.stem = nn.Sequential(
             Conv2d(3, spec.stem_dim, 3, stride=2, padding=1, bias=False),
-            nn.BatchNorm2d(spec.stem_dim),
+            BatchNorm2d(spec.stem_dim),
             nn.GELU(),
             Conv2d(spec.stem_dim, spec.stem_dim, 3, padding=1),
         )

@@ -1,0 +1,378 @@
+"""Proof of the GPU path, in one prepared run: bf16, ZeRO-3 over NCCL, CoAtNet-5 and -7.
+
+    python benchmarks/gpu_proof.py --out proof.json             # one GPU, about 4 minutes
+    python benchmarks/gpu_proof.py --smoke --out smoke.json     # the same code, tiny, on the CPU
+
+On a GPU host that has PyTorch but not DeepSpeed (no Ray needed): build the wheels here with
+`bash ../shared/device/wheels.sh`, carry `.whl`, and there run
+    python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl
+    PYTHONPATH=/tmp/site:$PWD python3 benchmarks/gpu_proof.py --out $OUT/proof.json
+
+What it measures, in one process, each against a figure from the same run:
+1. engine: CoAtNet-5 at 224 px, bf16, ZeRO-3 on a world of one over NCCL, activation
+   checkpointing on stages 2-4 (as configs/coatnet5.yaml), through the worker loop Ray Train
+   runs (`engine.worker.train`, launched by coatnet_scale/standalone.py) on a corpus built
+   here: images/s, MFU (3x the forward FLOPs against the device's bf16 dense peak), hardware
+   FLOP utilisation (the recomputed forwards counted too), and peak allocated memory against
+   `python -m coatnet_scale.plan`'s allocation for the same micro-batch (before its reserve).
+2. checkpoint: the run saves at step N-1 and goes on to N; a second run resumes from N-1 and
+   its loss at step N must equal the first run's bit for bit; then an export of the checkpoint.
+3. baselines: the same model in plain PyTorch (bf16 autocast, fused AdamW, the same
+   checkpointing) and timm's coatnet_5_224 (its own gradient checkpointing) on synthetic
+   tensors: our engine's images/s over each.
+4. largest: CoAtNet-7 at 224, AC on every block, at the largest micro-batch the planner says
+   fits this GPU: a few steps; peak allocated memory against the planner.
+5. profile: the plain model's device time by operator over two steps (what limits MFU).
+Prints a table and writes everything as JSON to --out. --smoke runs the same code at tiny
+sizes on the CPU (gloo, bf16) with Ray, s3fs and the Prometheus client made unimportable:
+the suite runs it.
+"""
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+# bf16 dense tensor-core peaks (TFLOP/s) from the vendors' data sheets, by device name.
+PEAK_TFLOPS = {"H200": 989.4, "H100 PCIe": 756.0, "H100": 989.4, "GH200": 989.4, "A100": 312.0, "L40S": 362.1}
+
+
+def device_peak(name: str, given: float | None) -> tuple[float, str]:
+    if given:
+        return given, f"{given:g} TFLOP/s (--peak-tflops)"
+    for key, peak in PEAK_TFLOPS.items():
+        if key in name:
+            return peak, f"{peak:g} TFLOP/s ({key} bf16 dense, data sheet)"
+    raise SystemExit(f"gpu_proof: no bf16 peak known for {name!r}: give --peak-tflops")
+
+
+class Sizes:
+    """What each part runs: the real sizes on a GPU, tiny ones for --smoke on the CPU."""
+
+    def __init__(self, smoke: bool):
+        self.smoke = smoke
+        self.model, self.largest_model = ("coatnet_pico", "coatnet_pico_split") if smoke else ("coatnet_5", "coatnet_7")
+        self.timm_model = "coatnet_pico_rw_224" if smoke else "coatnet_5_224"
+        self.image_size = 64 if smoke else 224
+        self.micro_batch = 8 if smoke else 128
+        self.steps = 6 if smoke else 26  # checkpoint at steps - 1
+        self.log_every = 1 if smoke else 5
+        self.baseline_steps = 3 if smoke else 10
+        self.largest_steps = 2 if smoke else 3
+        self.loader_workers = 1 if smoke else 8
+
+
+def proof_config(sizes: Sizes, model: str, micro_batch: int, storage: str, corpus: str, run_name: str,
+                 stages: list[int], steps: int, checkpoint_every: int):
+    from coatnet_scale.config import load_config
+
+    return load_config(None, [
+        f"run_name={run_name}", f"model.name={model}", f"model.image_size={sizes.image_size}", "model.num_classes=10",
+        "model.checkpointing.every=1", f"model.checkpointing.stages={stages}",
+        f"data.train_manifest={corpus}/train/manifest.json", "data.val_manifest=null",
+        f"data.num_workers={sizes.loader_workers}", f"train.micro_batch_size={micro_batch}",
+        f"train.global_batch_size={micro_batch}", f"train.total_steps={steps}", "train.warmup_steps=2",
+        f"train.log_every={sizes.log_every}", "cluster.num_workers=1", f"cluster.use_gpu={not sizes.smoke}",
+        f"cluster.cpus_per_worker={2 if sizes.smoke else 16}", "deepspeed.zero_stage=3", "deepspeed.bf16=true",
+        f"checkpoint.every_steps={checkpoint_every}", "checkpoint.keep=2", "checkpoint.at_end=false",
+        f"storage.url={storage}", "monitoring.enabled=false",
+    ])
+
+
+def planner(config, device_memory: int) -> dict:
+    """The planner's figures for this config on one device: allocation before the reserve."""
+    from coatnet_scale.plan import plan
+
+    r = plan(config, 1, device_memory, 989.4, 0.45)
+    return {"predicted_bytes": r["state_total"] + r["activations"], "largest_micro_batch": r["largest_micro_batch"]}
+
+
+def flops(model: str, image_size: int, stages: list[int]) -> tuple[int, int]:
+    """(forward FLOPs per image, of which inside blocks checkpointing recomputes)."""
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from coatnet_scale.models import Checkpointing, create_model
+
+    policy = Checkpointing(1, tuple(stages))
+    with torch.device("meta"):
+        net = create_model(model, num_classes=10, image_size=image_size).eval()
+        with FlopCounterMode(display=False) as counter:
+            net(torch.empty(1, 3, image_size, image_size))
+    counts = {name: sum(ops.values()) for name, ops in counter.get_flop_counts().items()}
+    recomputed = 0
+    for index, (stage, blocks) in enumerate(zip(net.spec.stages, net.stages)):
+        for i in range(len(blocks)):
+            if policy.applies(stage.paper_stage, i):
+                recomputed += counts.get(f"CoAtNet.stages.{index}.{i}", 0)
+    return counter.get_total_flops(), recomputed
+
+
+def run_engine(config) -> tuple[dict, list[dict]]:
+    """The worker loop on this process's group; (final figures, logged windows)."""
+    from coatnet_scale.engine.worker import Placement, run_url, train
+    from coatnet_scale.storage import url_to_fs
+
+    final = train(config, Placement(0, 1))
+    fs, path = url_to_fs(run_url(config))
+    history = json.loads(fs.cat_file(sorted(fs.glob(f"{path}/metrics-step*.json"))[-1]))["history"]
+    return final, history
+
+
+def release_memory() -> None:
+    import torch
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+
+
+def part_engine(sizes: Sizes, device, work: Path, corpus: str, peak_flops: float | None, memory: int | None) -> dict:
+    """CoAtNet-5 through the worker loop; then the resume and the export."""
+    from coatnet_scale.engine.checkpoint import tag_for
+    from coatnet_scale.export import export
+
+    stages = [2, 3, 4]
+    config = proof_config(sizes, sizes.model, sizes.micro_batch, str(work / "runs"), corpus, "engine", stages,
+                          sizes.steps, sizes.steps - 1)
+    release_memory()
+    final, history = run_engine(config)
+    # Throughput from whole windows after the first (warm-up) and before the checkpoint's.
+    windows = [h for h in history if sizes.log_every < h["step"] < sizes.steps - 1 + sizes.log_every
+               and h["step"] % sizes.log_every == 0] or history[-1:]
+    images_per_second = statistics.median(h["images_per_second"] for h in windows)
+    forward, recomputed = flops(sizes.model, sizes.image_size, stages)
+    result = {
+        "model": sizes.model, "micro_batch": sizes.micro_batch, "images_per_second": images_per_second,
+        "data_wait_fraction": statistics.median(h["data_wait_fraction"] for h in windows),
+        "forward_flops_per_image": forward, "recomputed_flops_per_image": recomputed,
+        "checkpoint_save_seconds": next(h["checkpoint_seconds"] for h in history if "checkpoint_seconds" in h),
+        "loss_at_last_step": history[-1]["loss"],
+    }
+    if peak_flops:
+        result["mfu"] = 3 * forward * images_per_second / peak_flops
+        result["hardware_flops_utilisation"] = (3 * forward + recomputed) * images_per_second / peak_flops
+    if memory:
+        result["peak_allocated_bytes"] = max(h.get("max_memory_allocated", 0) for h in history)
+        result.update(planner(config, memory))
+        result["measured_over_predicted"] = result["peak_allocated_bytes"] / result["predicted_bytes"]
+
+    # Resume: drop the last save's successor (there is none: at_end is off) and rerun the same
+    # run name; it resumes from step N-1 and takes step N again.
+    release_memory()
+    _, resumed = run_engine(config)
+    result["resumed_loss_at_last_step"] = resumed[-1]["loss"]
+    result["resume_bit_identical"] = resumed[-1]["loss"] == history[-1]["loss"] and resumed[-1]["step"] == sizes.steps
+    start = time.monotonic()
+    checkpoint = f"{config.storage.url}/{config.run_name}/checkpoints/{tag_for(sizes.steps - 1)}"
+    out = work / "engine.safetensors"
+    export(checkpoint, str(out))
+    result["export_seconds"] = time.monotonic() - start
+    result["export_bytes"] = out.stat().st_size
+    return result
+
+
+def plain_step(model, micro_batch: int, image_size: int, device):
+    """A training step of `model` as plain PyTorch runs it: bf16 autocast, fused AdamW."""
+    import torch
+
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
+    images = torch.randn(micro_batch, 3, image_size, image_size, device=device)
+    labels = torch.randint(0, 10, (micro_batch,), device=device)
+
+    def step():
+        with torch.autocast(device.type, dtype=torch.bfloat16):
+            loss = torch.nn.functional.cross_entropy(model(images).float(), labels)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    return step
+
+
+def timed(step, steps: int, device) -> float:
+    """Images/s is micro-batch over this: seconds per step after two warm-up steps."""
+    import torch
+
+    for _ in range(2):
+        step()
+    synchronize = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    synchronize()
+    start = time.perf_counter()
+    for _ in range(steps):
+        step()
+    synchronize()
+    return (time.perf_counter() - start) / steps
+
+
+def part_baselines(sizes: Sizes, device) -> dict:
+    import torch
+
+    from coatnet_scale.models import Checkpointing, count_parameters, create_model
+
+    result = {}
+    release_memory()
+    torch.manual_seed(0)
+    model = create_model(sizes.model, num_classes=10, image_size=sizes.image_size,
+                         checkpointing=Checkpointing(1, (2, 3, 4))).to(device).train()
+    step = plain_step(model, sizes.micro_batch, sizes.image_size, device)
+    result["plain_images_per_second"] = sizes.micro_batch / timed(step, sizes.baseline_steps, device)
+    result["profile"] = profile(step, device)
+    del model, step
+    release_memory()
+    try:
+        import timm
+    except ImportError:
+        result["timm"] = "timm not installed"
+        return result
+    model = timm.create_model(sizes.timm_model, num_classes=10, img_size=sizes.image_size).to(device).train()
+    model.set_grad_checkpointing(True)
+    step = plain_step(model, sizes.micro_batch, sizes.image_size, device)
+    result["timm_model"] = f"{sizes.timm_model} ({count_parameters(model) / 1e6:.1f}M parameters)"
+    result["timm_images_per_second"] = sizes.micro_batch / timed(step, sizes.baseline_steps, device)
+    del model, step
+    release_memory()
+    return result
+
+
+def profile(step, device) -> list[dict]:
+    """Share of device (or CPU) time per operator over two steps, largest first."""
+    import torch
+    from torch.profiler import ProfilerActivity
+
+    activities = [ProfilerActivity.CUDA] if device.type == "cuda" else [ProfilerActivity.CPU]
+    with torch.profiler.profile(activities=activities) as prof:
+        for _ in range(2):
+            step()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+    rows = []
+    for event in prof.key_averages():
+        own = getattr(event, "self_device_time_total", None) if device.type == "cuda" else event.self_cpu_time_total
+        if own is None:
+            own = getattr(event, "self_cuda_time_total", 0)
+        if own > 0:
+            rows.append((event.key, own))
+    total = sum(t for _, t in rows) or 1
+    rows.sort(key=lambda r: -r[1])
+    return [{"operator": k, "share": t / total} for k, t in rows[:10]]
+
+
+def part_largest(sizes: Sizes, work: Path, corpus: str, memory: int | None) -> dict:
+    """CoAtNet-7 at the planner's largest micro-batch, AC on every block: a few steps."""
+    import torch
+
+    probe = proof_config(sizes, sizes.largest_model, 1, str(work / "runs"), corpus, "largest", [1, 2, 3, 4], 1, 10**9)
+    budget = memory or 2**29  # on the CPU a pretend 512 MiB device: the path runs, memory is not measured
+    plan = planner(probe, budget)
+    micro = max(1, plan["largest_micro_batch"])
+    config = proof_config(sizes, sizes.largest_model, micro, str(work / "runs"), corpus, "largest", [1, 2, 3, 4],
+                          sizes.largest_steps, 10**9)
+    result = {"model": sizes.largest_model, "micro_batch": micro, **planner(config, budget)}
+    release_memory()
+    try:
+        final, history = run_engine(config)
+    except torch.cuda.OutOfMemoryError as e:  # the planner said it fits: a finding, not a crash
+        result["out_of_memory"] = str(e).splitlines()[0]
+        return result
+    result["images_per_second"] = history[-1]["images_per_second"]
+    if memory:
+        result["peak_allocated_bytes"] = max(h.get("max_memory_allocated", 0) for h in history)
+        result["measured_over_predicted"] = result["peak_allocated_bytes"] / result["predicted_bytes"]
+    return result
+
+
+def table(report: dict) -> str:
+    e, b, big = report["engine"], report["baselines"], report["largest"]
+    GiB = 2**30
+    rows = [("device", report["device"]), ("peak assumed", report.get("peak", "n/a (CPU)")),
+            (f"engine {e['model']} mb {e['micro_batch']} images/s", f"{e['images_per_second']:.1f} "
+             f"(data wait {e['data_wait_fraction']:.0%})")]
+    if "mfu" in e:
+        rows += [("MFU (3x forward)", f"{e['mfu']:.1%}"),
+                 ("hardware FLOP utilisation (with recompute)", f"{e['hardware_flops_utilisation']:.1%}")]
+    if "peak_allocated_bytes" in e:
+        rows.append(("peak allocated vs planner", f"{e['peak_allocated_bytes'] / GiB:.2f} / {e['predicted_bytes'] / GiB:.2f} "
+                                                  f"GiB = {e['measured_over_predicted']:.3f}"))
+    rows.append(("plain PyTorch images/s", f"{b['plain_images_per_second']:.1f} (engine / plain "
+                                           f"{e['images_per_second'] / b['plain_images_per_second']:.3f})"))
+    if "timm_images_per_second" in b:
+        rows.append((f"timm {b['timm_model']} images/s", f"{b['timm_images_per_second']:.1f} (engine / timm "
+                                                         f"{e['images_per_second'] / b['timm_images_per_second']:.3f})"))
+    rows += [("checkpoint save", f"{e['checkpoint_save_seconds']:.1f} s"),
+             ("resume: next loss bit-identical", f"{e['resume_bit_identical']} ({e['loss_at_last_step']!r} vs "
+                                                 f"{e['resumed_loss_at_last_step']!r})"),
+             ("export", f"{e['export_bytes'] / GiB:.2f} GiB in {e['export_seconds']:.1f} s")]
+    largest = f"{big['model']} mb {big['micro_batch']} (planner's largest)"
+    if "out_of_memory" in big:
+        rows.append((largest, f"OUT OF MEMORY: {big['out_of_memory']}"))
+    elif "peak_allocated_bytes" in big:
+        rows.append((largest, f"{big['images_per_second']:.1f} images/s; peak {big['peak_allocated_bytes'] / GiB:.2f} / "
+                              f"planner {big['predicted_bytes'] / GiB:.2f} GiB = {big['measured_over_predicted']:.3f}"))
+    else:
+        rows.append((largest, f"{big['images_per_second']:.1f} images/s"))
+    rows += [(f"  profile: {p['operator'][:48]}", f"{p['share']:.1%}") for p in b["profile"][:6]]
+    width = max(len(k) for k, _ in rows)
+    return "\n".join(f"| {k:<{width}} | {v} |" for k, v in rows)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", required=True, help="JSON file for the figures")
+    parser.add_argument("--smoke", action="store_true", help="tiny sizes on the CPU (the test suite runs this)")
+    parser.add_argument("--peak-tflops", type=float, help="the device's bf16 dense peak, if its name is not known")
+    parser.add_argument("--work", help="folder for the corpus, checkpoints and export (default: a temporary one)")
+    args = parser.parse_args(argv)
+    sizes = Sizes(args.smoke)
+    if args.smoke:  # the path GPU hosts take: it must not need Ray or s3fs
+        for name in ("ray", "s3fs", "prometheus_client"):
+            sys.modules[name] = None
+    os.environ["DS_ACCELERATOR"] = "cpu" if args.smoke else "cuda"
+    import torch
+
+    from coatnet_scale.data.demo import build_demo_corpus
+    from coatnet_scale.standalone import init_process_group
+
+    if not args.smoke and not torch.cuda.is_available():
+        raise SystemExit("gpu_proof: no GPU; use --smoke on a CPU machine")
+    started = time.monotonic()
+    with tempfile.TemporaryDirectory(prefix="gpu_proof_", dir=args.work) as folder:
+        work = Path(folder)
+        init_process_group(use_gpu=not args.smoke)
+        device = torch.device("cuda", torch.cuda.current_device()) if not args.smoke else torch.device("cpu")
+        report: dict = {"smoke": args.smoke, "torch": torch.__version__}
+        memory, peak_flops = None, None
+        if args.smoke:
+            report["device"] = "CPU (smoke)"
+        else:
+            properties = torch.cuda.get_device_properties(device)
+            report["device"] = f"{properties.name}, {properties.total_memory / 2**30:.0f} GiB"
+            peak, report["peak"] = device_peak(properties.name, args.peak_tflops)
+            memory, peak_flops = properties.total_memory, peak * 1e12
+        corpus = str(work / "corpus")
+        build_demo_corpus(corpus, workers=sizes.loader_workers)
+        for part, run in (("engine", lambda: part_engine(sizes, device, work, corpus, peak_flops, memory)),
+                          ("baselines", lambda: part_baselines(sizes, device)),
+                          ("largest", lambda: part_largest(sizes, work, corpus, memory))):
+            start = time.monotonic()
+            report[part] = run()
+            print(f"gpu_proof: {part} done in {time.monotonic() - start:.0f}s", flush=True)
+            Path(args.out).write_text(json.dumps(report, indent=1))  # what is done survives a later failure
+    report["seconds"] = time.monotonic() - started
+    Path(args.out).write_text(json.dumps(report, indent=1))
+    print(table(report))
+    print(f"gpu_proof: {report['seconds']:.0f}s in all; figures in {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

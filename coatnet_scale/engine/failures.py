@@ -1,0 +1,110 @@
+"""Stop a job whose worker group keeps failing the same way before it makes any progress.
+
+Ray Train restarts the whole worker group after any error, up to `cluster.max_failures`
+times, and cannot be told which errors are worth a retry. A lost node is: the group restarts
+on what remains and goes on. A config, data or code error is not: it fails again the same way,
+and on 256 GPUs each restart costs minutes. So a rank that fails writes what ended it to the
+run's storage, under failures/{job}/, with the checkpoint its attempt started from and the
+group's shape (world size and nodes). A group that starts from the same checkpoint, with the
+same shape, as the last two failed attempts of its job, which both ended with the same error,
+stops at once and names that error. A new checkpoint in between, or a group of another size or
+on other nodes, goes on; a new job (running the command again) starts a new record.
+"""
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+
+import torch.distributed as dist
+
+from coatnet_scale.storage import url_to_fs, write_atomic
+
+STOPPED = "STOPPED.json"
+
+
+@dataclass(frozen=True)
+class Attempt:
+    id: str
+    resumed_from: str | None  # the checkpoint tag it started from; None: from the beginning
+    shape: str  # world size and nodes
+
+
+def error_signature(error: BaseException) -> str:
+    """The error as two attempts that hit the same cause both describe it. An error re-raised
+    from another process (a DataLoader worker) carries the original traceback: its last line."""
+    lines = [line for line in str(error).strip().splitlines() if line.strip()]
+    if any("Traceback (most recent call last)" in line for line in lines):
+        return lines[-1].strip()[:500]
+    return f"{type(error).__name__}: {lines[0][:500] if lines else ''}".rstrip(": ")
+
+
+class FailureLog:
+    def __init__(self, run_url: str, storage_options: dict, job: str):
+        self.url = f"{run_url.rstrip('/')}/failures/{job}"
+        self.fs, self.root = url_to_fs(self.url, storage_options)
+        self.local = "://" not in run_url or run_url.startswith("file://")
+
+    def start(self, resumed_from: str | None, rank: int, world_size: int, node: str) -> tuple[Attempt, str | None]:
+        """Collective. This group's attempt, and the reason to stop instead of training (or None).
+        Rank 0 alone reads the record and decides; every rank gets its decision."""
+        nodes = [node]
+        if world_size > 1:
+            nodes = [None] * world_size
+            dist.all_gather_object(nodes, node)
+        shape = f"{world_size} workers on {len(set(nodes))} node(s) {', '.join(n[:12] for n in sorted(set(nodes)))}"
+        decision: list = [None, None]
+        if rank == 0:
+            decision = [f"{time.time_ns():020d}", self._repeated(resumed_from, shape)]
+            if decision[1] is not None:
+                self._write(STOPPED, {"reason": decision[1]})
+        if world_size > 1:
+            dist.broadcast_object_list(decision, src=0)
+        return Attempt(decision[0], resumed_from, shape), decision[1]
+
+    def record(self, attempt: Attempt, rank: int, step: int, error: BaseException) -> None:
+        """What ended this rank's attempt. Never raises: the original error matters more."""
+        try:
+            self._write(f"{attempt.id}-rank{rank:05d}.json", {
+                "attempt": attempt.id, "rank": rank, "step": step, "resumed_from": attempt.resumed_from,
+                "shape": attempt.shape, "error": error_signature(error), "time": time.time(),
+            })
+        except Exception as e:
+            print(f"rank {rank}: cannot record the failure in {self.url}: {type(e).__name__}: {e}", flush=True)
+
+    def stopped(self) -> str | None:
+        """Why this job stopped retrying, if it did (read by the driver after the job)."""
+        try:
+            return json.loads(self.fs.cat_file(f"{self.root}/{STOPPED}"))["reason"]
+        except (FileNotFoundError, KeyError, ValueError):
+            return None
+
+    def _write(self, name: str, record: dict) -> None:
+        if self.local:
+            self.fs.makedirs(self.root, exist_ok=True)
+        write_atomic(self.fs, f"{self.root}/{name}", json.dumps(record).encode())
+
+    def _repeated(self, resumed_from: str | None, shape: str) -> str | None:
+        if not self.fs.exists(self.root):
+            return None
+        attempts: dict[str, list[dict]] = {}
+        for path in self.fs.glob(f"{self.root}/*-rank*.json"):
+            try:
+                record = json.loads(self.fs.cat_file(path))
+            except (FileNotFoundError, ValueError):
+                continue
+            attempts.setdefault(record["attempt"], []).append(record)
+        failed = [attempts[a] for a in sorted(attempts)]
+        if len(failed) < 2:
+            return None
+        last, before = failed[-1], failed[-2]
+        same_start = all(r["resumed_from"] == resumed_from and r["shape"] == shape for r in last + before)
+        common = {r["error"] for r in last} & {r["error"] for r in before}
+        if not same_start or not common:
+            return None
+        error = sorted(common)[0]
+        where = next(r for r in last if r["error"] == error)
+        start = f"checkpoint {resumed_from}" if resumed_from else "the beginning"
+        return (f"the same error ended the last 2 attempts, both started from {start} on {shape} with no checkpoint "
+                f"in between: {error} (rank {where['rank']}, step {where['step']}); not retrying: fix the cause "
+                f"and run the command again (it resumes from the newest complete checkpoint)")

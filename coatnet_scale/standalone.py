@@ -1,0 +1,75 @@
+"""The training loop without Ray: in this process, or in each process torchrun starts.
+
+    python -m coatnet_scale.pretrain --config configs/tiny.yaml --without-ray
+    torchrun --nproc-per-node 8 -m coatnet_scale.pretrain --config configs/coatnet5.yaml --without-ray
+
+For hosts that have PyTorch and little else: the loop Ray Train runs (engine/worker.py), over a
+torch.distributed group started here, NCCL on GPUs (with `device_id`, so CUDA tensors only) or
+gloo on CPUs. Rank 0 runs the preflight checks and every rank learns the outcome. What Ray adds
+is missing: restarts (beyond torchrun's `--max-restarts`), elastic groups, the cluster check.
+"""
+from __future__ import annotations
+
+import os
+import socket
+
+import torch
+import torch.distributed as dist
+
+from coatnet_scale.config import Config
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def init_process_group(use_gpu: bool):
+    """Join torchrun's group (RANK, WORLD_SIZE, MASTER_ADDR… in the environment) or start a
+    group of one on loopback. Returns this worker's Placement."""
+    from coatnet_scale.engine.worker import Placement
+
+    if "RANK" not in os.environ:
+        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
+                          MASTER_PORT=str(_free_port()))
+    rank, world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if not dist.is_initialized():
+        if use_gpu:
+            torch.cuda.set_device(local_rank)
+            dist.init_process_group("nccl", device_id=torch.device("cuda", local_rank))
+        else:
+            dist.init_process_group("gloo")
+    # torchrun restarts a failed group only with --max-restarts; its run id names the job then.
+    run_id = os.environ.get("TORCHELASTIC_RUN_ID", "none")
+    restarts = int(os.environ.get("TORCHELASTIC_MAX_RESTARTS", "0"))
+    job = f"torchrun-{run_id}" if restarts > 0 and run_id != "none" else None
+    return Placement(rank, world_size, local_rank, node=socket.gethostname(), job=job)
+
+
+def run(config: Config, preflight) -> dict:
+    """Train on this process's group; `preflight(config)` runs on rank 0 first and raises to
+    stop every rank. Returns rank 0's final figures (every rank returns its own)."""
+    use_gpu = config.cluster.use_gpu
+    os.environ.setdefault("DS_ACCELERATOR", "cuda" if use_gpu else "cpu")  # read once, when DeepSpeed is imported
+    placement = init_process_group(use_gpu)
+    try:
+        problem = [None]
+        if placement.world_size != config.cluster.num_workers:
+            problem = [ValueError(f"cluster.num_workers is {config.cluster.num_workers} but {placement.world_size} "
+                                  f"processes were started; set cluster.num_workers (and the batch) to match")]
+        elif placement.rank == 0:
+            try:
+                preflight(config)
+            except Exception as e:
+                problem = [e]
+        dist.broadcast_object_list(problem, src=0)
+        if problem[0] is not None:
+            raise problem[0]
+        from coatnet_scale.engine.worker import train
+
+        return train(config, placement)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
