@@ -4,7 +4,7 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: demo test bench constraints
+.PHONY: demo test test-fast bench constraints
 
 $(VENV)/.installed: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -23,9 +23,17 @@ demo: $(VENV)/.installed
 test: $(VENV)/.installed
 	$(PY) -m pytest -q; rc=$$?; [ $$rc -ne 5 ] || echo "make test: no tests were collected" >&2; exit $$rc
 
+# The fast tier for iterating (under 5 minutes): everything but the tests marked slow (Ray
+# clusters, DeepSpeed runs, real services). CI runs `make test`, which is everything.
+test-fast: $(VENV)/.installed
+	$(PY) -m pytest -q -m "not slow"
+
 bench: $(VENV)/.installed
 	$(PY) benchmarks/model_throughput.py
 	$(PY) benchmarks/dataprep_throughput.py
 	$(PY) benchmarks/loader_throughput.py
 	$(PY) benchmarks/zero3_memory.py
 	$(PY) benchmarks/monitoring_overhead.py
+	$(PY) benchmarks/read_amplification.py
+	$(PY) benchmarks/listing_memory.py
+	$(PY) benchmarks/reshard_cost.py

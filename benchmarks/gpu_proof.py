@@ -92,7 +92,7 @@ def planner(config, device_memory: int) -> dict:
     from coatnet_scale.plan import plan
 
     r = plan(config, 1, device_memory, 989.4, 0.45)
-    return {"predicted_bytes": r["state_total"] + r["activations"], "largest_micro_batch": r["largest_micro_batch"]}
+    return {"predicted_bytes": r["allocated"], "largest_micro_batch": r["largest_micro_batch"]}
 
 
 def flops(model: str, image_size: int, stages: list[int]) -> tuple[int, int]:

@@ -7,20 +7,28 @@ Throughput: images/s of forward + backward + AdamW step at batch 8, 224 px, both
 in this process and timed in alternating rounds (median of rounds), so machine noise hits
 both alike. Prints both and the ratio ours / timm (goal >= 1.0).
 
-Memory: each checkpointing mode runs in a fresh subprocess, with glibc told to return every
-large free block to the OS (MALLOC_MMAP_THRESHOLD_), so resident memory follows live tensors.
-Peak resident memory over two training steps, minus the memory held before the first step
-(model + optimizer) and minus gradients and AdamW's two moments (3 x parameter bytes), is the
-activation memory; "every block" is compared with "none" at the same batch.
+Memory: no checkpointing against checkpointing every block of S1-S4, each in a fresh
+subprocess, with glibc told to return every large free block to the OS
+(MALLOC_MMAP_THRESHOLD_), so resident memory follows what is allocated. A first training step
+sets up what stays for the process's life (oneDNN's and MKL's generated kernels and primitive
+caches, the autograd engine's threads: about 95 MiB, which a baseline taken before it would
+count as activations) and AdamW's moments; the baseline is the resident memory after it, with
+its gradients dropped. The measured step is a forward and backward in which each parameter's
+gradient is dropped once accumulated (a model state, as ZeRO-3 moves it into its partition), so
+its peak above the baseline is the activation memory: saved tensors, recomputed blocks,
+activation gradients, kernels' workspace. Each figure is printed against the capacity
+planner's prediction for the same step (`coatnet_scale.plan.activation_profile`, fp32, CPU
+kernels). Step time: median of three full training steps after the measurement.
 """
 import argparse
 import json
 import os
-import resource
+import re
 import statistics
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import psutil
 import torch
@@ -68,24 +76,46 @@ def throughput(args) -> None:
     print(f"  ours {ours:.2f} img/s   timm {ref:.2f} img/s   ratio ours/timm {ours / ref:.3f}")
 
 
+EVERY_BLOCK = (1, 2, 3, 4)  # the paper's stages S1-S4: every block of the model
+
+
 def memory_probe(every: int, batch: int, image_size: int) -> dict:
-    """Run in a subprocess: peak RSS of one training step above the pre-step baseline."""
+    """Run in a subprocess: activation memory of one step (peak resident memory above the
+    baseline) and the median time of three full training steps."""
     from coatnet_scale.models import Checkpointing, create_model
 
-    model = create_model("coatnet_0", image_size=image_size, checkpointing=Checkpointing(every=every)).train()
+    policy = Checkpointing(every=every, stages=EVERY_BLOCK)
+    model = create_model("coatnet_0", image_size=image_size, checkpointing=policy).train()
     step = train_step_fn(model, batch, image_size)
+    step()  # kernels, caches, threads and AdamW's moments: here for good, not activations
+    for p in model.parameters():
+        p.grad = None
+    hooks = [p.register_post_accumulate_grad_hook(lambda p: setattr(p, "grad", None)) for p in model.parameters()]
+    images = torch.randn(batch, 3, image_size, image_size)
+    # Peak RSS restarts from now. Not getrusage's ru_maxrss: a process started by another keeps
+    # its parent's peak across exec, so after the throughput section (two models in the parent)
+    # both probes read the parent's peak and the ratio printed 1.00x.
+    Path("/proc/self/clear_refs").write_text("5")
     base = psutil.Process().memory_info().rss
+    torch.nn.functional.cross_entropy(model(images), torch.randint(0, 1000, (batch,))).backward()
+    peak = int(re.search(r"VmHWM:\s+(\d+) kB", Path("/proc/self/status").read_text()).group(1)) * 1024
+    activation_bytes = peak - base
+    for hook in hooks:
+        hook.remove()
     times = []
-    for _ in range(2):
+    for _ in range(3):
         start = time.perf_counter()
         step()
         times.append(time.perf_counter() - start)
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    state_bytes = 3 * sum(p.numel() * p.element_size() for p in model.parameters())
-    return {"activation_bytes": peak - base - state_bytes, "step_seconds": times[-1]}
+    blocks = [policy.applies(stage.paper_stage, i) for stage in model.spec.stages for i in range(stage.depth)]
+    return {"activation_bytes": activation_bytes, "step_seconds": statistics.median(times),
+            "checkpointed_blocks": sum(blocks), "blocks": len(blocks)}
 
 
 def memory(args) -> None:
+    from coatnet_scale.models import Checkpointing
+    from coatnet_scale.plan import activation_profile
+
     results = {}
     for every in (0, 1):
         out = subprocess.run(
@@ -93,10 +123,15 @@ def memory(args) -> None:
             capture_output=True, text=True, check=True, env={**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"},
         )
         results[every] = json.loads(out.stdout.strip().splitlines()[-1])
+    plan = activation_profile("coatnet_0", args.image_size, Checkpointing(every=1, stages=EVERY_BLOCK), element_bytes=4,
+                              device="cpu")
     none, every = results[0], results[1]
-    print(f"\nactivation checkpointing, coatnet_0, batch {args.batch} at {args.image_size}px:")
-    print(f"  none:        activations {none['activation_bytes'] / 2**20:6.0f} MiB, step {none['step_seconds']:.2f}s")
-    print(f"  every block: activations {every['activation_bytes'] / 2**20:6.0f} MiB, step {every['step_seconds']:.2f}s")
+    print(f"\nactivation checkpointing, coatnet_0, batch {args.batch} at {args.image_size}px (fp32, CPU):")
+    for label, r, checkpointed in (("none", none, False), ("every block", every, True)):
+        predicted = plan.total(checkpointed, args.batch)
+        print(f"  {label + ' (' + str(r['checkpointed_blocks']) + ' of ' + str(r['blocks']) + ' blocks)':<31}"
+              f"activations {r['activation_bytes'] / 2**20:6.0f} MiB (planner {predicted / 2**20:6.0f} MiB, "
+              f"measured/planner {r['activation_bytes'] / predicted:.2f}), step {r['step_seconds']:.2f}s")
     print(
         f"  activation memory none/every {none['activation_bytes'] / every['activation_bytes']:.2f}x, "
         f"time ratio every/none {every['step_seconds'] / none['step_seconds']:.2f}x"

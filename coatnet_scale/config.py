@@ -19,6 +19,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
 
+from coatnet_scale.batch import ElasticBatchError, batch_plan
 from coatnet_scale.models import list_models
 
 
@@ -91,6 +92,9 @@ class TrainConfig(Section):
     stop_at_step: int | None = Field(
         None, ge=1, description="end this job after this step, with a checkpoint; rerun to continue (time-boxed jobs)"
     )
+    elastic_batch_tolerance: float = Field(
+        0.0, ge=0.0, lt=1.0, description="at a worker count that cannot make global_batch_size exactly, use the nearest "
+                                         "attainable batch within this fraction of it (lr scaled alike); 0: refuse")
 
 
 class ClusterConfig(Section):
@@ -102,6 +106,8 @@ class ClusterConfig(Section):
     gpus_per_worker: float = Field(1.0, ge=0)
     memory_per_worker_gb: float | None = Field(None, gt=0)
     max_failures: int = Field(3, ge=-1, description="worker-group restarts before the job fails; -1: unlimited")
+    min_workers: int | None = Field(None, ge=1, description="elastic: Ray restarts a group that lost nodes with as few "
+                                                            "as this many workers (and grows it back); default num_workers: fixed")
     # Ray reports no autoscaling maximum, so the config states it: launch/cluster-aws.yaml's 32
     # p5.48xlarge nodes are {GPU: 256, CPU: 6144}, launch/kuberay-rayjob.yaml's 32 pods {GPU: 256, CPU: 5760}.
     max_resources: dict[str, float] | None = Field(
@@ -164,7 +170,8 @@ class MonitoringConfig(Section):
     """Prometheus metrics: every training worker serves /metrics (README, Monitoring)."""
 
     enabled: bool = True
-    address: str = Field("127.0.0.1", description="interface the exporters bind; 0.0.0.0 only when Prometheus scrapes from another host")
+    address: str = Field("127.0.0.1", description="interface the exporters bind; node: each node's Ray address (workers on "
+                                                  "several nodes); 0.0.0.0 only when Prometheus scrapes from another host")
     port: int = Field(0, ge=0, le=65535, description="0: each worker takes a free port; N: the worker of local rank r takes N + r")
     targets_dir: str | None = Field(None, description="Prometheus file_sd folder, one {run_name}.json per run; default {storage.url}/prometheus")
     peak_tflops: float | None = Field(None, gt=0, description="one device's peak TFLOP/s at the training precision, for MFU; unset: no MFU")
@@ -194,13 +201,25 @@ class Config(Section):
 
     @model_validator(mode="after")
     def _batch_adds_up(self) -> "Config":
-        t, workers = self.train, self.cluster.num_workers
-        if t.micro_batch_size * t.grad_accum_steps * workers != t.global_batch_size:
-            raise ValueError(
-                f"train.global_batch_size={t.global_batch_size} must equal train.micro_batch_size="
-                f"{t.micro_batch_size} x train.grad_accum_steps={t.grad_accum_steps} x cluster.num_workers={workers} "
-                f"(= {t.micro_batch_size * t.grad_accum_steps * workers})"
-            )
+        """micro x accumulation x workers is the global batch, or the worker count is one the
+        global batch can be made with (coatnet_scale/batch.py: what changing only num_workers,
+        or an elastic group, runs)."""
+        t, c = self.train, self.cluster
+        if t.micro_batch_size * t.grad_accum_steps * c.num_workers != t.global_batch_size:
+            try:
+                batch_plan(t, c.num_workers, max(c.num_workers, 1024), c.min_workers or 1)
+            except ElasticBatchError as e:
+                raise ValueError(
+                    f"train.global_batch_size={t.global_batch_size} is not train.micro_batch_size="
+                    f"{t.micro_batch_size} x train.grad_accum_steps={t.grad_accum_steps} x cluster.num_workers="
+                    f"{c.num_workers} (= {t.micro_batch_size * t.grad_accum_steps * c.num_workers}), and {e}") from None
+        return self
+
+    @model_validator(mode="after")
+    def _elastic_range(self) -> "Config":
+        c = self.cluster
+        if c.min_workers is not None and c.min_workers > c.num_workers:
+            raise ValueError(f"cluster.min_workers={c.min_workers} must not exceed cluster.num_workers={c.num_workers}")
         return self
 
     @model_validator(mode="after")
@@ -262,16 +281,42 @@ def _set_dotted(tree: dict, dotted: str, value: Any) -> None:
     tree[leaf] = value
 
 
+def shipped_configs() -> list[Path]:
+    """The folders of shipped configs: the installed package's (package data), else the
+    checkout's configs/ when running from one (an editable install)."""
+    here = Path(__file__).resolve().parent
+    folders = [here / "configs"]
+    if (here.parent / "pyproject.toml").exists():
+        folders.append(here.parent / "configs")
+    return [folder for folder in folders if folder.is_dir()]
+
+
+def resolve_config(path: str | Path) -> Path:
+    """The config file `path` names: the path itself when it exists (an explicit path wins),
+    else a shipped config of that name, so `--config coatnet6.yaml`, `--config coatnet6` and
+    `--config configs/coatnet6.yaml` work from any working directory."""
+    given = Path(path)
+    if given.exists() or given.parent not in (Path("."), Path("configs")):
+        return given
+    name = given.name if given.suffix in (".yaml", ".yml") else f"{given.name}.yaml"
+    for folder in shipped_configs():
+        if (folder / name).is_file():
+            return folder / name
+    return given
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Config:
     """Read a YAML file (or start from defaults), apply KEY=VALUE overrides, validate."""
     raw: dict = {}
     source = "defaults"
     if path is not None:
+        path = resolve_config(path)
         source = str(path)
         try:
             raw = yaml.safe_load(Path(path).read_text()) or {}
         except FileNotFoundError:
-            raise ConfigError(f"{path}: config file not found") from None
+            shipped = sorted({f.stem for folder in shipped_configs() for f in folder.glob("*.yaml")})
+            raise ConfigError(f"{path}: config file not found; shipped configs: {', '.join(shipped) or 'none'}") from None
         except yaml.YAMLError as e:
             raise ConfigError(f"{path}: not valid YAML: {e}") from None
         if not isinstance(raw, dict):

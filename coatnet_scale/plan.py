@@ -3,20 +3,32 @@ will it fit, and how long will a step take, before any money is spent.
 
 Per GPU, under ZeRO-3 with bf16 mixed precision (DeepSpeed's accounting, 18 bytes per
 parameter spread over all GPUs): parameters (bf16 shard + fp32 master copy), gradients (fp32
-shard) and AdamW moments, plus the gathered working set of the largest layer. Activations
-come from the model's own shapes: a forward pass on the meta device records every tensor
-saved for backward, block by block, so checkpointing is accounted exactly as configured
-(checkpointed blocks keep their input; backward recomputes one block at a time). FLOPs come
-from torch's flop counter; step time is at a stated model-FLOPs utilisation.
+shard) and AdamW moments, plus the gathered working set of the largest layer and DeepSpeed's
+reduce bucket; the optimizer step's temporaries count when they exceed the activations. Activations
+come from the model's own shapes: a whole training step (forward, loss, backward with the
+configured checkpointing recomputing its blocks) runs on the meta device under a dispatch mode
+that follows every tensor storage from the op that makes it to its last reference, so the
+peak holds whatever is alive at that moment: saved tensors, a recomputed block's working set,
+activation gradients, temporaries (docs/planning.md). FLOPs come from torch's flop counter;
+step time is at a stated model-FLOPs utilisation. The network section counts what ZeRO-3 (and
+hpZ) sends per step, by replaying DeepSpeed's parameter coordinator on the model's module order,
+and sets the communication time against the compute time (README, Planning a run).
 """
 from __future__ import annotations
 
 import argparse
+import bisect
+import collections
+import functools
 import math
 import sys
+import weakref
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
 
 from coatnet_scale.config import add_config_arguments, config_from_arguments
 from coatnet_scale.models import Checkpointing, count_flops, count_parameters, create_model
@@ -26,68 +38,145 @@ BYTES_PER_PARAM = {"parameters": 2 + 4, "gradients": 4, "optimizer": 8}  # bf16 
 RESERVED = 0.10  # allocator fragmentation, communication buffers, CUDA context
 
 
+# Memory a kernel takes inside itself, invisible at the tensor level, measured per device.
+# oneDNN's convolution backward on CPU holds a copy of its input and of its output gradient
+# (blocked-layout reorders) while it runs (torch.profiler's allocator events, docs/planning.md).
+# On CUDA none is modelled yet: cuDNN's workspace is not, and the meta device runs the math
+# attention, which keeps the N x N probabilities a fused kernel does not.
+HIDDEN_WORKSPACE = {
+    "cpu": {torch.ops.aten.convolution_backward.default: lambda size, args: size(args[0]) + size(args[1])},
+    "cuda": {},
+}
+
+
+# Transient bytes per element of an optimizer sub-group while it steps, on top of the model
+# states: DeepSpeed's ZeRO-3 concatenates the sub-group's gradients into one fp32 tensor, and
+# torch's AdamW makes a full-size sqrt(v) (foreach on GPUs; on CPU its single-tensor loop holds
+# the sqrt and its quotient at once: 8 partition-sized fp32 tensors alive at the step's peak in a
+# measured fp32 run). DeepSpeed steps one sub-group at a time.
+OPTIMIZER_STEP_BYTES = {"cuda": 4 + 4, "cpu": 4 + 8}
+SUB_GROUP_SIZE = 1_000_000_000  # zero_optimization.sub_group_size, DeepSpeed's default
+
+
+def optimizer_step_bytes(params: int, world_size: int, device: str = "cuda") -> int:
+    """Per-GPU transient bytes of the optimizer step beyond the model states."""
+    return OPTIMIZER_STEP_BYTES[device] * min(math.ceil(params / world_size), SUB_GROUP_SIZE)
+
+
 @dataclass
 class ActivationProfile:
-    """Bytes saved for backward for ONE image at the given element size."""
+    """Activation memory of one training step: the highest point, over forward and backward, of
+    what is alive besides the model states (parameters, gradients once accumulated, optimizer
+    states). What is alive after each op is `fixed + per_image x batch`; the peak is the highest
+    of those lines at the batch asked for (the peak moves: at batch 1 a large layer's weight
+    gradient can set it, at batch 16 a recomputed block). Keyed by checkpointing (False: none,
+    True: the policy it was measured with)."""
 
-    per_block: list[tuple[int, int, bool]]  # (saved bytes, input bytes, checkpointed) per block
-    outside_blocks: int  # stem and head
+    lines: dict[bool, list[tuple[int, int]]]  # (fixed, per_image): the upper envelope of all ops
 
-    def total(self, checkpointing: bool) -> int:
-        if not checkpointing:
-            return self.outside_blocks + sum(saved for saved, _, _ in self.per_block)
-        kept = sum(inp if ckpt else saved for saved, inp, ckpt in self.per_block)
-        recompute = max((saved for saved, _, ckpt in self.per_block if ckpt), default=0)
-        return self.outside_blocks + kept + recompute
+    def total(self, checkpointing: bool, batch: int = 1) -> int:
+        return max(fixed + per_image * batch for fixed, per_image in self.lines[checkpointing])
+
+    def per_image(self, checkpointing: bool) -> int:
+        """Bytes each further image adds at large batches."""
+        return max(per_image for _, per_image in self.lines[checkpointing])
+
+    def largest_batch(self, checkpointing: bool, budget: float) -> int:
+        """The largest batch whose activations fit in `budget` bytes."""
+        return max(0, min(math.floor((budget - fixed) / per_image) for fixed, per_image in self.lines[checkpointing]
+                          if per_image > 0))
 
 
-def activation_profile(model_name: str, image_size: int, checkpointing: Checkpointing, element_bytes: int = 2) -> ActivationProfile:
+class _LiveBytes(TorchDispatchMode):
+    """Bytes of live tensor storages made under it after every op (views share their base's
+    storage), floating-point ones counted at `element_bytes`."""
+
+    def __init__(self, element_bytes: int, workspace: dict):
+        super().__init__()
+        self.element_bytes, self.workspace = element_bytes, workspace
+        self.live: dict[int, tuple[int, weakref.ref | None]] = {}
+        self.now = 0
+        self.trace: list[int] = []
+
+    def size(self, tensor: torch.Tensor) -> int:
+        nbytes = tensor.untyped_storage().nbytes()
+        return nbytes // tensor.element_size() * self.element_bytes if tensor.is_floating_point() else nbytes
+
+    def exclude(self, tensor: torch.Tensor) -> None:
+        """A model state from now on (a parameter, or a gradient once accumulated)."""
+        key = id(tensor.untyped_storage())
+        size, ref = self.live.get(key, (0, None))
+        self.now -= size
+        self.live[key] = (0, ref)
+
+    def _freed(self, key: int) -> None:
+        self.now -= self.live.pop(key)[0]
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for tensor in tree_leaves(out):
+            if isinstance(tensor, torch.Tensor) and id(tensor.untyped_storage()) not in self.live:
+                storage, size = tensor.untyped_storage(), self.size(tensor)
+                self.live[id(storage)] = (size, weakref.ref(storage, lambda _, key=id(storage): self._freed(key)))
+                self.now += size
+        hidden = self.workspace.get(func)
+        self.trace.append(self.now + (hidden(self.size, args) if hidden else 0))
+        return out
+
+
+def _step_trace(model, batch: int, element_bytes: int, device: str) -> list[int]:
+    """Activation bytes alive after each op of forward, loss and backward, run on the meta device."""
+    mode = _LiveBytes(element_bytes, HIDDEN_WORKSPACE[device])
+    for state in [*model.parameters(), *model.buffers()]:
+        mode.exclude(state)
+    hooks = [p.register_post_accumulate_grad_hook(lambda p: mode.exclude(p.grad)) for p in model.parameters()]
+    with mode:
+        images = torch.empty(batch, 3, model.image_size, model.image_size, device="meta")
+        targets = torch.empty(batch, model.num_classes, device="meta")  # soft targets, as the pipeline gives
+        F.cross_entropy(model(images), targets).backward()
+    for hook in hooks:
+        hook.remove()
+    for p in model.parameters():
+        p.grad = None
+    return mode.trace
+
+
+def _envelope(lines: set[tuple[int, int]]) -> list[tuple[int, int]]:
+    """The lines that are highest somewhere at batch >= 1 (the others never set the peak)."""
+    kept: list[tuple[int, int]] = []
+    for fixed, per_image in sorted(lines, key=lambda line: (-line[1], -line[0])):  # steepest first
+        if not kept or all(fixed + per_image > f + s for f, s in kept):
+            kept.append((fixed, per_image))
+    return kept
+
+
+@functools.lru_cache(maxsize=32)
+def activation_profile(model_name: str, image_size: int, checkpointing: Checkpointing, element_bytes: int = 2,
+                       num_classes: int = 1000, device: str = "cuda") -> ActivationProfile:
+    """Activation memory of a training step, without checkpointing and with `checkpointing`,
+    floating-point tensors at `element_bytes` (2: bf16). `device` names whose kernels' hidden
+    workspace is added (HIDDEN_WORKSPACE): "cuda" or "cpu". The step runs at batch 2 and 3
+    (batch 1 skips a few copies): every tensor's size is affine in the batch, so the two traces
+    give each op's line."""
+    if device not in HIDDEN_WORKSPACE:
+        raise ValueError(f"device must be one of {', '.join(HIDDEN_WORKSPACE)}, got {device!r}")
     with torch.device("meta"):
-        model = create_model(model_name, image_size=image_size).train()
-    current: list[int | None] = [None]
-    saved = [0] * sum(len(blocks) for blocks in model.stages)
-    inputs = [0] * len(saved)
-    outside = [0]
-    flags = []
-    index = 0
-    for stage, blocks in zip(model.spec.stages, model.stages):
-        for i, block in enumerate(blocks):
-            flags.append(checkpointing.applies(stage.paper_stage, i))
-
-            def enter(module, args, index=index):
-                current[0] = index
-                inputs[index] = args[0].numel() * element_bytes
-
-            def leave(module, args, output):
-                current[0] = None
-
-            block.register_forward_pre_hook(enter)
-            block.register_forward_hook(leave)
-            index += 1
-
-    parameters = {id(p) for p in model.parameters()}
-    counted: dict[int, torch.Tensor] = {}  # by identity; holding them keeps ids from being reused
-
-    def pack(tensor):
-        base = tensor._base if tensor._base is not None else tensor
-        if id(base) in parameters or id(base) in counted:  # weights, or an activation saved twice
-            return tensor
-        counted[id(base)] = base
-        size = base.numel() * (element_bytes if base.is_floating_point() else base.element_size())
-        if current[0] is None:
-            outside[0] += size
-        else:
-            saved[current[0]] += size
-        return tensor
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        model(torch.empty(1, 3, image_size, image_size, device="meta", requires_grad=True))
-    return ActivationProfile(list(zip(saved, inputs, flags)), outside[0])
+        model = create_model(model_name, num_classes, image_size).train()
+    lines = {}
+    for checkpointed, policy in ((False, Checkpointing()), (True, checkpointing)):
+        if not policy.every and checkpointed:
+            lines[True] = lines[False]
+            break
+        model.checkpointing = policy
+        two, three = (_step_trace(model, batch, element_bytes, device) for batch in (2, 3))
+        assert len(two) == len(three), "the step ran different ops at batch 2 and 3"
+        lines[checkpointed] = _envelope({(3 * a - 2 * b, b - a) for a, b in zip(two, three)})
+    return ActivationProfile(lines)
 
 
-def largest_layer_params(model_name: str) -> int:
+def largest_layer_params(model_name: str, num_classes: int = 1000) -> int:
     with torch.device("meta"):
-        model = create_model(model_name)
+        model = create_model(model_name, num_classes)
     return max(sum(p.numel() for p in m.parameters(recurse=False)) for m in model.modules())
 
 
@@ -100,30 +189,230 @@ def parse_size(text: str) -> int:
     return int(float(lowered))
 
 
+def model_states(params: int, largest_layer: int, world_size: int, dtype_bytes: int = 2,
+                 reduce_bucket_size: int = 50_000_000) -> dict[str, float]:
+    """Per-GPU bytes of ZeRO-3's model states: the partitions (BYTES_PER_PARAM for bf16; an
+    fp32 run keeps 4-byte parameters beside the fp32 master), the gathered largest layer, and
+    the gradient reduce bucket DeepSpeed allocates whole (deepspeed.reduce_bucket_size
+    elements in the working dtype: 191 MiB measured in an fp32 run at the default)."""
+    per_param = {**BYTES_PER_PARAM, "parameters": dtype_bytes + 4}
+    states = {name: bytes_ * params / world_size for name, bytes_ in per_param.items()}
+    states["working set (largest layer)"] = 2 * dtype_bytes * largest_layer  # gathered weights + their gradients
+    states["reduce bucket"] = dtype_bytes * reduce_bucket_size
+    return states
+
+
+def predicted_allocated_bytes(model_name: str, image_size: int, micro_batch: int, checkpointing: Checkpointing,
+                              dtype_bytes: int = 2, world_size: int = 1, num_classes: int = 1000,
+                              reduce_bucket_size: int = 50_000_000, device: str = "cuda") -> int:
+    """The planner's peak allocated bytes per GPU for a ZeRO-3 training step (AdamW, mixed
+    precision with `dtype_bytes` per activation and working weight, 2 for bf16) at this
+    micro-batch: model states (`model_states`) plus the higher of the activation peak
+    (`activation_profile`) and the optimizer step's temporaries (`optimizer_step_bytes`), BEFORE
+    the fragmentation reserve (RESERVED) that `plan` holds back. Compare it with
+    torch.cuda.max_memory_allocated() over a step after the first."""
+    with torch.device("meta"):
+        params = count_parameters(create_model(model_name, num_classes, image_size))
+    states = model_states(params, largest_layer_params(model_name, num_classes), world_size, dtype_bytes,
+                          reduce_bucket_size)
+    profile = activation_profile(model_name, image_size, checkpointing, dtype_bytes, num_classes, device)
+    activations = profile.total(bool(checkpointing.every), micro_batch)
+    transient = max(activations, optimizer_step_bytes(params, world_size, device))
+    return round(sum(states.values()) + transient)
+
+
 def plan(config, gpus: int, gpu_memory: int, peak_tflops: float, mfu: float) -> dict:
     m, t = config.model, config.train
     with torch.device("meta"):
         params = count_parameters(create_model(m.name, m.num_classes, m.image_size))
-    largest = largest_layer_params(m.name)
-    states = {name: bytes_ * params / gpus for name, bytes_ in BYTES_PER_PARAM.items()}
-    states["working set (largest layer)"] = 4 * largest
+    largest = largest_layer_params(m.name, m.num_classes)
+    states = model_states(params, largest, gpus, reduce_bucket_size=config.deepspeed.reduce_bucket_size)
     state_total = sum(states.values())
     policy = Checkpointing(m.checkpointing.every, tuple(m.checkpointing.stages))
-    profile = activation_profile(m.name, m.image_size, policy)
-    per_image = {"without checkpointing": profile.total(False), "with checkpointing": profile.total(True)}
-    configured = per_image["with checkpointing" if policy.every else "without checkpointing"]
+    profile = activation_profile(m.name, m.image_size, policy, num_classes=m.num_classes)
+    checkpointed = bool(policy.every)
+    per_image = {"without checkpointing": profile.per_image(False), "with checkpointing": profile.per_image(True)}
+    activations = profile.total(checkpointed, t.micro_batch_size)
+    optimizer_step = optimizer_step_bytes(params, gpus)
+    allocated = state_total + max(activations, optimizer_step)
     usable = gpu_memory * (1 - RESERVED)
-    largest_micro = max(0, math.floor((usable - state_total) / configured))
+    largest_micro = 0
+    if state_total + optimizer_step <= usable:
+        largest_micro = profile.largest_batch(checkpointed, usable - state_total)
     forward = count_flops(m.name, m.image_size, m.num_classes)
     passes = 4 if policy.every else 3  # forward + backward (2x), + the recomputed forward
     step_flops = forward * passes * t.global_batch_size
     return {
         "params": params, "states": states, "state_total": state_total, "per_image": per_image,
-        "micro_batch": t.micro_batch_size, "activations": configured * t.micro_batch_size,
-        "fits": state_total + configured * t.micro_batch_size <= usable, "largest_micro_batch": largest_micro,
+        "micro_batch": t.micro_batch_size, "activations": activations, "optimizer_step": optimizer_step,
+        "allocated": allocated, "fits": allocated <= usable, "largest_micro_batch": largest_micro,
         "usable": usable, "step_flops": step_flops, "step_seconds": step_flops / (gpus * peak_tflops * 1e12 * mfu),
         "largest_layer": largest,
     }
+
+
+# -- network: what ZeRO-3 sends per step ------------------------------------------------------
+
+
+@dataclass
+class GatherProfile:
+    """Parameter elements ZeRO-3 all-gathers in one forward and backward pass (one micro-step)."""
+
+    total: int  # every parameter
+    persistent: int  # small ones every GPU keeps whole (stage3_param_persistence_threshold)
+    first: int  # gathered for their first use: every other parameter
+    again: int  # gathered again later in the pass, having been released in between
+
+
+def gather_profile(model_name: str, image_size: int, num_classes: int, checkpointing: Checkpointing, ds) -> GatherProfile:
+    """Replays DeepSpeed's ZeRO-3 parameter coordinator (PartitionedParameterCoordinator, with
+    `ds` its settings: a DeepSpeedConfig) on the order in which one forward and backward pass
+    runs the model's modules, recorded on the meta device (checkpointed blocks recompute their
+    forward inside the backward, as in training).
+
+    A module's parameters are gathered when it runs unless held, and each run prefetches the
+    next parameters in that order up to stage3_prefetch_bucket_size elements (held ones are
+    passed over for free). After a module runs its parameters are released unless the
+    prefetcher has already passed a later use of them, or they are used again by a module that
+    starts within stage3_max_reuse_distance parameter elements. Parameters of at most
+    stage3_param_persistence_threshold elements are never released; DeepSpeed gathers them
+    once per optimizer step, after it."""
+    with torch.device("meta"):
+        model = create_model(model_name, num_classes, image_size, 0.0, checkpointing).train()
+    modules = list(model.modules())  # DeepSpeed hooks them all; each run is a step of its trace and prefetches
+    events: list[tuple[bool, torch.nn.Module]] = []  # (True: runs, False: done), in order
+    for m in modules:
+        m.register_forward_pre_hook(lambda m, args: events.append((True, m)))
+        m.register_forward_hook(lambda m, args, out: events.append((False, m)))
+        m.register_full_backward_pre_hook(lambda m, grad: events.append((True, m)))
+        m.register_full_backward_hook(lambda m, grad_in, grad_out: events.append((False, m)))
+    model(torch.empty(1, 3, image_size, image_size, device="meta", requires_grad=True)).sum().backward()
+
+    params = {m: list(m.parameters(recurse=False)) for m in modules}
+    persistent = {p for ps in params.values() for p in ps if p.numel() <= ds.stage3_param_persistence_threshold}
+    order = [m for runs, m in events if runs]  # DeepSpeed's trace: one step per module run
+    reach = [0]  # reach[j]: parameter elements of order[:j]
+    for m in order:
+        reach.append(reach[-1] + sum(p.numel() for p in params[m]))
+    queue = collections.deque((p, step) for step, m in enumerate(order) for p in params[m])
+    fetched_for = collections.defaultdict(lambda: -1)  # the latest use of each that the queue has passed
+    held, seen, counts = set(persistent), set(), [0, 0]
+    step, live = 0, 0
+
+    def gather(ps) -> None:
+        nonlocal live
+        for p in ps:
+            if p not in held:
+                counts[p in seen] += p.numel()
+                live += p.numel()
+                held.add(p)
+                seen.add(p)
+
+    for runs, m in events:
+        if not runs:
+            window_end = bisect.bisect_left(reach, reach[step] + ds.stage3_max_reuse_distance, lo=step)
+            reused = {p for later in order[step:window_end] for p in params[later]}
+            for p in params[m]:
+                if p not in persistent and p in held and fetched_for[p] <= step and p not in reused:
+                    held.discard(p)
+                    live -= p.numel()
+            continue
+        gather(params[m])
+        due = [p for p in params[m] if fetched_for[p] < step]  # not yet passed by the prefetcher
+        for _ in due:
+            p, used = queue.popleft()
+            fetched_for[p] = used
+        budget, prefetch, size = min(ds.stage3_max_live_parameters - live, ds.stage3_prefetch_bucket_size), {}, 0
+        while queue and size < budget:
+            p, used = queue.popleft()
+            fetched_for[p] = max(fetched_for[p], used)
+            if p not in held and p not in prefetch:
+                prefetch[p] = None
+                size += p.numel()
+        gather(prefetch)
+        step += 1
+    total = sum(p.numel() for ps in params.values() for p in ps)
+    return GatherProfile(total, sum(p.numel() for p in persistent), counts[0], counts[1])
+
+
+@dataclass
+class Collective:
+    what: str
+    group: int  # GPUs taking part
+    bytes: float  # the logical message: the whole gathered (or reduced) tensor
+    count: int  # per optimizer step
+
+
+def zero3_collectives(profile: GatherProfile, gpus: int, hpz: int, micro_steps: int, element_bytes: int) -> list[Collective]:
+    """ZeRO-3's collectives per optimizer step, as DeepSpeed issues them: parameters gathered
+    in each micro-step's forward and (those released since) backward, the persistent ones once
+    after the step, gradients reduce-scattered each micro-step. With hpZ, the first forward
+    gather of a step goes over every GPU and leaves a secondary copy in each group of `hpz`
+    GPUs, which serves every later gather until the optimizer step changes the weights."""
+    inner = hpz if hpz > 1 else gpus
+    rows = [Collective("parameters, all-gather", gpus, profile.first * element_bytes, 1),
+            Collective("parameters, later micro-steps", inner, profile.first * element_bytes, micro_steps - 1),
+            Collective("parameters, all-gather again", inner, profile.again * element_bytes, micro_steps),
+            Collective("persistent parameters, after the step", gpus, profile.persistent * element_bytes, 1),
+            Collective("gradients, reduce-scatter", gpus, profile.total * element_bytes, micro_steps)]
+    return [row for row in rows if row.count and row.bytes and row.group > 1]
+
+
+def network(config, gpus: int, gpus_per_node: int, intra_gbps: float, inter_gbps: float, compute_seconds: float,
+            profile: GatherProfile | None = None) -> dict:
+    """Bytes each GPU sends (and, the collectives being symmetric, receives) per optimizer step,
+    the time they take, and the step time against the compute time.
+
+    A collective of message M over n GPUs moves M (n-1)/n bytes in and out of each GPU (ring
+    algorithms); it runs at the inter-node bandwidth per GPU when its group spans nodes, else
+    at the intra-node one. With deepspeed.overlap_comm the step is assumed to overlap
+    communication with compute entirely (step = the larger); without, to add them."""
+    m, t, ds = config.model, config.train, config.deepspeed
+    hpz = ds.zero_hpz_partition_size
+    if gpus % hpz or (gpus_per_node % hpz and gpus > gpus_per_node):
+        raise ValueError(f"deepspeed.zero_hpz_partition_size={hpz} must divide --gpus {gpus} and --gpus-per-node {gpus_per_node}")
+    per_gpu, rest = divmod(t.global_batch_size, gpus)
+    if rest or not per_gpu:
+        raise ValueError(f"train.global_batch_size={t.global_batch_size} does not split over {gpus} GPUs")
+    micro = math.gcd(per_gpu, t.micro_batch_size)
+    element_bytes = 2 if (config.cluster.use_gpu if ds.bf16 is None else ds.bf16) else 4
+    if profile is None:
+        profile = gather_profile(m.name, m.image_size, m.num_classes,
+                                 Checkpointing(m.checkpointing.every, tuple(m.checkpointing.stages)), ds)
+    rows = []
+    for c in zero3_collectives(profile, gpus, hpz, per_gpu // micro, element_bytes):
+        spans_nodes = c.group > gpus_per_node
+        traffic = c.count * c.bytes * (c.group - 1) / c.group
+        seconds = traffic / ((inter_gbps if spans_nodes else intra_gbps) * 1e9 / 8)
+        rows.append({"collective": c, "traffic": traffic, "inter_node": spans_nodes, "seconds": seconds})
+    comm = sum(r["seconds"] for r in rows)
+    step = max(compute_seconds, comm) if ds.overlap_comm else compute_seconds + comm
+    return {
+        "rows": rows, "micro_batch": micro, "micro_steps": per_gpu // micro, "element_bytes": element_bytes,
+        "traffic": sum(r["traffic"] for r in rows), "inter_node": sum(r["traffic"] for r in rows if r["inter_node"]),
+        "comm_seconds": comm, "compute_seconds": compute_seconds, "step_seconds": step,
+        "bound": "communication" if comm > compute_seconds else "compute", "hpz": hpz,
+        "hpz_copy_bytes": profile.total * element_bytes / hpz if hpz > 1 else 0, "profile": profile,
+    }
+
+
+def print_network(n: dict, gpus: int, gpus_per_node: int, intra_gbps: float, inter_gbps: float, overlap: bool) -> None:
+    hpz = f"hpZ groups of {n['hpz']}" if n["hpz"] > 1 else "no hpZ"
+    print(f"network per GPU per step ({gpus // gpus_per_node or 1} nodes of {min(gpus, gpus_per_node)} GPUs, {hpz}, "
+          f"{n['micro_steps']} micro-step(s) of {n['micro_batch']}, {8 * n['element_bytes']}-bit; "
+          f"{inter_gbps:g} Gbit/s per GPU between nodes, {intra_gbps:g} inside one):")
+    print(f"  {'collective':<40}{'GPUs':>6}{'count':>7}{'message':>11}{'sent = received':>17}{'time':>9}")
+    for r in n["rows"]:
+        c = r["collective"]
+        print(f"  {c.what:<40}{c.group:>6}{c.count:>7}{c.bytes / 1e9:>9.2f}GB{r['traffic'] / 1e9:>15.2f}GB"
+              f"{r['seconds']:>8.3f}s")
+    print(f"  {'in all':<64}{n['traffic'] / 1e9:>15.2f}GB{n['comm_seconds']:>8.3f}s  "
+          f"({n['inter_node'] / 1e9:.2f} GB between nodes)")
+    if n["hpz_copy_bytes"]:
+        print(f"  hpZ secondary copy of the parameters: {n['hpz_copy_bytes'] / GiB:.2f} GiB per GPU more memory")
+    how = "overlapped (deepspeed.overlap_comm): step = the larger" if overlap else "not overlapped: step = the sum"
+    print(f"  step {n['step_seconds']:.3f} s = compute {n['compute_seconds']:.3f} s and communication "
+          f"{n['comm_seconds']:.3f} s {how}; {n['bound']}-bound")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -134,6 +423,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--gpu-memory", type=parse_size, default=80 * GiB, help="per GPU, e.g. 80GiB (default)")
     parser.add_argument("--peak-tflops", type=float, default=989.0, help="bf16 dense peak per GPU (H100 SXM: 989)")
     parser.add_argument("--mfu", type=float, default=0.45, help="model-FLOPs utilisation to assume (default 0.45)")
+    parser.add_argument("--gpus-per-node", type=int, default=8, help="GPUs per node (default 8)")
+    parser.add_argument("--intra-node-gbps", type=float, default=3600.0,
+                        help="Gbit/s per GPU, each way, inside a node (default 3600: NVLink 4, 450 GB/s)")
+    parser.add_argument("--inter-node-gbps", type=float, default=400.0,
+                        help="Gbit/s per GPU, each way, between nodes (default 400: p5's 3200 Gbit/s EFA per 8 GPUs)")
     args = parser.parse_args(argv)
     config = config_from_arguments(args)
     r = plan(config, args.gpus, args.gpu_memory, args.peak_tflops, args.mfu)
@@ -147,10 +441,17 @@ def main(argv: list[str] | None = None) -> int:
     for name, value in r["per_image"].items():
         print(f"  activations per image, {name:<22}{value / 2**20:9.1f} MiB")
     print(f"  activations, micro-batch {r['micro_batch']:<16}{r['activations'] / GiB:9.2f} GiB (as configured)")
+    print(f"  {'optimizer step (transient)':<30}{r['optimizer_step'] / GiB:9.2f} GiB (after the backward: the higher counts)")
     verdict = "fits" if r["fits"] else "DOES NOT FIT"
     print(f"  {verdict} in {r['usable'] / GiB:.1f} GiB usable ({RESERVED:.0%} reserved); largest micro-batch: {r['largest_micro_batch']}")
     print(f"per step (global batch {config.train.global_batch_size}): {r['step_flops'] / 1e15:.1f} PFLOP; "
           f"{r['step_seconds']:.2f} s at {args.mfu:.0%} MFU of {args.peak_tflops:g} TFLOP/s per GPU")
+    try:
+        n = network(config, args.gpus, args.gpus_per_node, args.intra_node_gbps, args.inter_node_gbps, r["step_seconds"])
+        print_network(n, args.gpus, args.gpus_per_node, args.intra_node_gbps, args.inter_node_gbps,
+                      config.deepspeed.overlap_comm)
+    except ValueError as e:  # a layout the network model does not cover; the memory verdict stands
+        print(f"network: not estimated: {e}")
     return 0 if r["fits"] else 1
 
 

@@ -3,8 +3,9 @@
 Under `ray job submit` (RAY_ADDRESS set) it runs on that cluster; with no cluster it starts a
 local Ray instance, so the same command works on a laptop and on 128 nodes. Everything that
 can be checked before Ray starts work is checked first, each failure one line and exit 2:
-the config, the data manifests, the storage URL, and whether the cluster can ever hold the
-worker group. With no arguments it pretrains the embedded default: coatnet_pico on the demo
+the config, the data manifests, the storage URL, whether the cluster can ever hold the worker
+group (an autoscaling cluster, with cluster.max_resources, is waited for), and whether a local
+storage path would have to serve several nodes. With no arguments it pretrains the embedded default: coatnet_pico on the demo
 corpus (built on first use), 2 CPU workers under ZeRO-3, local storage.
 """
 from __future__ import annotations
@@ -13,6 +14,7 @@ import argparse
 import json
 import os
 import sys
+import time
 import uuid
 
 from coatnet_scale.config import Config, add_config_arguments, config_from_arguments
@@ -89,17 +91,101 @@ def check_initial_weights(config: Config, options: dict) -> None:
         raise PreflightError(f"finetune.init_checkpoint: {e}") from None
 
 
-def check_capacity(config: Config, resources: dict) -> None:
+def worker_resources(config: Config) -> dict:
+    """The Ray resources of one training worker."""
     c = config.cluster
-    need = {"CPU": c.num_workers * c.cpus_per_worker}
+    resources = {"CPU": c.cpus_per_worker}
     if c.use_gpu:
-        need["GPU"] = c.num_workers * c.gpus_per_worker
-    for kind, amount in need.items():
-        have = resources.get(kind, 0)
-        if amount > have:
-            raise PreflightError(
-                f"cluster: {c.num_workers} workers need {amount:g} {kind} in all, the Ray cluster has {have:g}"
-            )
+        resources["GPU"] = c.gpus_per_worker
+    if c.memory_per_worker_gb:
+        resources["memory"] = c.memory_per_worker_gb * 2**30
+    return resources
+
+
+def workers_that_fit(nodes: list[dict], worker: dict) -> int:
+    """How many workers of `worker`'s resources these nodes' resources hold, each on one node."""
+    asked = {kind: amount for kind, amount in worker.items() if amount}
+    return sum(min(int(node.get(kind, 0) // amount) for kind, amount in asked.items()) for node in nodes) if asked else 10**9
+
+
+def check_capacity(config: Config, nodes: list[dict], autoscaling: bool) -> None:
+    """Fail when the cluster can never hold the worker group: its nodes now, or for an
+    autoscaling cluster, the maximum the config states (cluster.max_resources)."""
+    c, worker = config.cluster, worker_resources(config)
+    have = {kind: sum(node.get(kind, 0) for node in nodes) for kind in worker}
+    limit = {kind: c.max_resources[kind] for kind in worker if kind in c.max_resources} if autoscaling else have
+    for kind, amount in worker.items():
+        if kind in limit and amount * c.num_workers > limit[kind]:
+            where = "the cluster can grow to (cluster.max_resources)" if autoscaling else "the Ray cluster has"
+            raise PreflightError(f"cluster: {c.num_workers} workers need {amount * c.num_workers:g} {kind} in all, "
+                                 f"{where} {limit[kind]:g}")
+    if not autoscaling and workers_that_fit(nodes, worker) < c.num_workers:
+        raise PreflightError(f"cluster: its nodes hold {workers_that_fit(nodes, worker)} of the {c.num_workers} workers "
+                             f"({', '.join(f'{v:g} {k}' for k, v in worker.items())} each, on one node)")
+
+
+def wait_for_capacity(config: Config, autoscaling: bool, poll_s: float = 2.0) -> list[dict]:
+    """Return the alive nodes' resources once they can hold the worker group.
+
+    A cluster that cannot grow (our own local instance, or no cluster.max_resources) is judged
+    as it is. An autoscaling one is refused at once only when its maximum cannot hold the
+    group; otherwise it is asked for the group's resources and waited for, with a line whenever
+    it grows (and every 30 s), until cluster.scale_up_timeout_s."""
+    import ray
+    from ray.autoscaler.sdk import request_resources
+
+    c, worker = config.cluster, worker_resources(config)
+
+    def alive() -> list[dict]:
+        return [node["Resources"] for node in ray.nodes() if node["Alive"]]
+
+    nodes = alive()
+    check_capacity(config, nodes, autoscaling)
+    if not autoscaling or workers_that_fit(nodes, worker) >= c.num_workers:
+        return nodes
+    # Ray Train's own request would come only with its placement group; asking now starts the
+    # nodes while the rest of preflight waits. The request is withdrawn once answered.
+    request_resources(bundles=[worker] * c.num_workers)
+    start = last_line = time.monotonic()
+    held = None
+    try:
+        while (fit := workers_that_fit(nodes, worker)) < c.num_workers:
+            waited = time.monotonic() - start
+            if waited >= c.scale_up_timeout_s:
+                raise PreflightError(f"cluster: after {waited:.0f} s its nodes hold {fit} of the {c.num_workers} workers "
+                                     f"(cluster.scale_up_timeout_s {c.scale_up_timeout_s:g}); is the autoscaler running "
+                                     f"and cluster.max_resources right?")
+            if fit != held or time.monotonic() - last_line >= 30:
+                print(f"cluster: waiting for the autoscaler: its {len(nodes)} node(s) hold {fit} of the {c.num_workers} "
+                      f"workers; {waited:.0f} s of {c.scale_up_timeout_s:g} s", flush=True)
+                held, last_line = fit, time.monotonic()
+            time.sleep(poll_s)
+            nodes = alive()
+    finally:
+        request_resources(bundles=[])
+    print(f"cluster: {len(nodes)} node(s) hold the {c.num_workers} workers after {time.monotonic() - start:.0f} s", flush=True)
+    return nodes
+
+
+def check_storage_reach(config: Config, nodes: list[dict], autoscaling: bool) -> None:
+    """A local storage path serves one node: refuse it when the group may span nodes (no node
+    holds it all, or the cluster grows by nodes), unless storage.shared says every node mounts it."""
+    from coatnet_scale.engine.placement import is_local
+
+    c = config.cluster
+    if not is_local(config.storage.url) or config.storage.shared:
+        return
+    one_node = max((workers_that_fit([node], worker_resources(config)) for node in nodes), default=0)
+    if autoscaling or one_node < c.num_workers:
+        raise PreflightError(
+            f"storage.url: {config.storage.url} is a local path and the {c.num_workers} workers may run on several "
+            f"nodes; each would write its own disk. Use object storage (s3://...), or a filesystem every node mounts "
+            f"at that path and say so with storage.shared: true")
+
+
+def elastic(config: Config) -> bool:
+    c = config.cluster
+    return c.min_workers is not None and c.min_workers < c.num_workers
 
 
 def absolute(url: str | None) -> str | None:
@@ -116,36 +202,49 @@ def with_absolute_paths(config: Config) -> Config:
     return config.model_copy(update={"data": data, "storage": storage, "finetune": finetune})
 
 
-def run(config: Config) -> dict:
+def connect_and_wait(config: Config) -> list[dict]:
+    """Connect to Ray, then wait until the cluster holds the worker group and check that its
+    storage reaches every node it may use; returns the alive nodes' resources."""
     # Before Ray is imported: keep a local instance's node address on loopback (without this,
-    # Ray swaps 127.0.0.1 for the machine's address), and print worker lines once, not twice.
-    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+    # Ray swaps 127.0.0.1 for the machine's address; on a cluster the nodes' own addresses
+    # stand, and this would make a driver look for its node on loopback), and print worker
+    # lines once, not twice.
+    if not os.environ.get("RAY_ADDRESS"):
+        os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
     os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
     import ray
-    from ray.train import FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchConfig, TorchTrainer
 
-    from coatnet_scale.engine.worker import train_worker
-
-    c = config.cluster
     # DeepSpeed reads DS_ACCELERATOR once, at import, in each worker: it must come with the job.
-    env = {"DS_ACCELERATOR": "cuda" if c.use_gpu else "cpu"}
+    env = {"DS_ACCELERATOR": "cuda" if config.cluster.use_gpu else "cpu"}
+    private = False  # a local instance of our own never grows
     if not ray.is_initialized():
         if os.environ.get("RAY_ADDRESS"):  # under `ray job submit`, or pointed at a cluster
             ray.init(runtime_env={"env_vars": env})
         else:  # the embedded default: a private local instance, never another one found on the machine
             ray.init(address="local", runtime_env={"env_vars": env}, _node_ip_address="127.0.0.1",
                      include_dashboard=True, dashboard_host="127.0.0.1")
-    check_capacity(config, ray.cluster_resources())
-    resources = {"CPU": c.cpus_per_worker}
-    if c.use_gpu:
-        resources["GPU"] = c.gpus_per_worker
-    if c.memory_per_worker_gb:
-        resources["memory"] = c.memory_per_worker_gb * 2**30
+            private = True
+    autoscaling = not private and config.cluster.max_resources is not None
+    nodes = wait_for_capacity(config, autoscaling)
+    check_storage_reach(config, nodes, autoscaling)
+    return nodes
+
+
+def run(config: Config) -> dict:
+    connect_and_wait(config)
+    from ray.train import FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    from coatnet_scale.engine.worker import train_worker
+
+    c = config.cluster
     trainer = TorchTrainer(
         train_worker,
         train_loop_config={"config": config},
-        scaling_config=ScalingConfig(num_workers=c.num_workers, use_gpu=c.use_gpu, resources_per_worker=resources),
+        # Elastic (min_workers < num_workers): Ray restarts a group that lost nodes at the size
+        # that fits and grows it back; the worker reshards the checkpoint (docs/elastic.md).
+        scaling_config=ScalingConfig(num_workers=(c.min_workers, c.num_workers) if elastic(config) else c.num_workers,
+                                     use_gpu=c.use_gpu, resources_per_worker=worker_resources(config)),
         run_config=RunConfig(
             name=config.run_name,
             storage_path=f"{config.storage.url.rstrip('/')}/ray",
@@ -195,10 +294,7 @@ def launch(config: Config, command: str, without_ray: bool = False) -> int:
         if without_ray:
             from coatnet_scale import standalone
 
-            try:
-                standalone.run(config, check_inputs)
-            except ValueError as e:  # the group does not match the config
-                raise PreflightError(str(e)) from None
+            standalone.run(config, check_inputs)
             if int(os.environ.get("RANK", "0")) != 0:
                 return 0
             metrics = read_metrics(config)

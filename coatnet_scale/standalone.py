@@ -5,8 +5,11 @@
 
 For hosts that have PyTorch and little else: the loop Ray Train runs (engine/worker.py), over a
 torch.distributed group started here, NCCL on GPUs (with `device_id`, so CUDA tensors only) or
-gloo on CPUs. Rank 0 runs the preflight checks and every rank learns the outcome. What Ray adds
-is missing: restarts (beyond torchrun's `--max-restarts`), elastic groups, the cluster check.
+gloo on CPUs. Rank 0 runs the preflight checks and every rank learns the outcome. The group's
+size is the number of processes: when it differs from `cluster.num_workers` the batch is kept
+as an elastic group would keep it (coatnet_scale/batch.py). What Ray adds is missing: restarts
+(beyond torchrun's `--max-restarts`), elastic groups that change size by themselves, the
+cluster check.
 """
 from __future__ import annotations
 
@@ -56,10 +59,7 @@ def run(config: Config, preflight) -> dict:
     placement = init_process_group(use_gpu)
     try:
         problem = [None]
-        if placement.world_size != config.cluster.num_workers:
-            problem = [ValueError(f"cluster.num_workers is {config.cluster.num_workers} but {placement.world_size} "
-                                  f"processes were started; set cluster.num_workers (and the batch) to match")]
-        elif placement.rank == 0:
+        if placement.rank == 0:
             try:
                 preflight(config)
             except Exception as e:

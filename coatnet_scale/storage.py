@@ -1,14 +1,19 @@
-"""fsspec access for every URL the training job touches (data, checkpoints): one place that
-turns the config's `storage` section into filesystem options, applied to s3:// URLs only."""
+"""fsspec access for every URL the training job and dataprep touch (data, checkpoints, shards):
+one place that turns S3 options (the config's `storage` section, or dataprep's command line)
+into filesystem options, applied to s3:// URLs only, plus byte-range reads and atomic writes."""
 from __future__ import annotations
 
+import hashlib
 import os
 import tempfile
 
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
-from dataprep.sources import options_for
+
+def options_for(url: str, options: dict) -> dict:
+    """The S3 options apply to s3:// URLs only."""
+    return options if fsspec.utils.get_protocol(url) in ("s3", "s3a") else {}
 
 
 def storage_options(storage) -> dict:
@@ -53,3 +58,48 @@ def write_atomic(fs, path: str, data: bytes) -> None:
         if os.path.exists(temporary):
             os.remove(temporary)
         raise
+
+
+class RangeReader:
+    """A read-only stream of bytes [start, end) of a file, fetched in `chunk`-sized ranged reads
+    (one GET each on an object store): nothing outside the range is requested."""
+
+    def __init__(self, fs, path: str, start: int, end: int, chunk: int = 8 * 2**20):
+        self.fs, self.path, self.position, self.end, self.chunk = fs, path, start, end, chunk
+        self._buffer, self._at = b"", 0
+
+    def read(self, n: int = -1) -> bytes:
+        if n is None or n < 0:
+            n = len(self._buffer) - self._at + self.end - self.position
+        parts, have = [], 0
+        while True:
+            take = min(n - have, len(self._buffer) - self._at)
+            if take:
+                parts.append(self._buffer[self._at:self._at + take])
+                self._at += take
+                have += take
+            if have == n or self.position >= self.end:
+                return parts[0] if len(parts) == 1 else b"".join(parts)
+            stop = min(self.end, self.position + max(self.chunk, n - have))
+            data = self.fs.cat_file(self.path, start=self.position, end=stop)
+            if len(data) != stop - self.position:
+                raise EOFError(f"{self.path}: ended at byte {self.position + len(data)}, expected {stop}")
+            self._buffer, self._at, self.position = data, 0, stop
+
+    def close(self) -> None:
+        self._buffer, self._at = b"", 0
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+def file_sha256(path: str) -> str:
+    """The sha256 of a local file, read in blocks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(2**22), b""):
+            digest.update(block)
+    return digest.hexdigest()

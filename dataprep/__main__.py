@@ -1,4 +1,5 @@
-"""Command line: `python -m dataprep SOURCE DEST [options]` and `python -m dataprep verify DEST`.
+"""Command line: `python -m dataprep SOURCE DEST [options]`, `python -m dataprep index SHARDS... DEST`
+and `python -m dataprep verify DEST`.
 
 S3 credentials come from the standard AWS environment (AWS_ACCESS_KEY_ID, AWS_PROFILE, ...)
 or a profile; they are never taken on the command line, logged, or written to the manifest.
@@ -11,6 +12,7 @@ import re
 import sys
 
 from dataprep.images import ImageOptions
+from dataprep.index import IndexOptions, index_shards
 from dataprep.prep import PrepError, PrepOptions, prepare
 from dataprep.shards import verify_dataset
 from dataprep.sources import SourceError
@@ -49,7 +51,8 @@ def prep_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m dataprep",
         description="Shard an image corpus into webdataset tar shards with a manifest. "
-        "Run `python -m dataprep verify DEST` to check a finished dataset.",
+        "Run `python -m dataprep verify DEST` to check a finished dataset, and `python -m dataprep index --help` "
+        "to index webdataset shards you already have instead.",
     )
     p.add_argument("source", metavar="SOURCE", help="ImageFolder tree, tar of per-class tars, or folder/tar of images with --labels")
     p.add_argument("dest", metavar="DEST", help="output folder or fsspec URL (s3://bucket/prefix, gs://...)")
@@ -79,6 +82,46 @@ def prep_parser() -> argparse.ArgumentParser:
     return p
 
 
+def index_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m dataprep index", fromfile_prefix_chars="@",
+        description="Write DEST/manifest.json (sample counts, sizes, sha256, per-sample offsets, classes) for "
+        "webdataset shards that already exist, without rewriting them; then train with data.train_manifest "
+        "pointing at it. @FILE reads shard URLs from FILE, one per line.",
+    )
+    p.add_argument("shards", metavar="SHARDS", nargs="+",
+                   help="shard URLs or brace patterns, e.g. 's3://bucket/in21k/train-{000000..002047}.tar'")
+    p.add_argument("dest", metavar="DEST", help="folder or fsspec URL for manifest.json, rejected.jsonl, offsets/")
+    p.add_argument("--label-key", metavar="FIELD", help="take labels from this field of each sample's .json "
+                   "(a class name or an integer) instead of .cls")
+    p.add_argument("--classes", help="class order from a manifest.json or a text file (default: the labels found)")
+    p.add_argument("--verify", action="store_true", help="decode every image now and reject those that fail "
+                   "(default: they are skipped and counted while training)")
+    p.add_argument("--workers", type=int, default=os.cpu_count(), help="worker processes (default: all cores)")
+    p.add_argument("--ray", nargs="?", const="", metavar="ADDRESS",
+                   help="read shards on a Ray cluster's CPUs: ADDRESS, else $RAY_ADDRESS, else a local Ray")
+    add_storage_arguments(p)
+    return p
+
+
+def index_main(argv: list[str]) -> int:
+    args = index_parser().parse_args(argv)
+    options = IndexOptions(label_key=args.label_key, classes=args.classes, verify=args.verify)
+    try:
+        index_shards(args.shards, args.dest, options, args.workers, args.ray, storage_options_from(args),
+                     log=lambda line: print(line, file=sys.stderr, flush=True))
+    except PrepError as e:
+        print(f"dataprep: error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:
+        print(f"dataprep: error: {e}\ndataprep: rerun the same command to resume", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("dataprep: interrupted; rerun the same command to resume", file=sys.stderr)
+        return 130
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["verify"]:
@@ -91,6 +134,9 @@ def main(argv: list[str] | None = None) -> int:
             print(f"verify: {problem}")
         print(f"verify: {args.dest}: " + (f"{len(problems)} problem(s)" if problems else "every shard matches the manifest"))
         return 1 if problems else 0
+
+    if argv[:1] == ["index"]:
+        return index_main(argv[1:])
 
     args = prep_parser().parse_args(argv)
     if not 1 <= args.quality <= 100:

@@ -12,26 +12,31 @@ import json
 import os
 import tarfile
 import tempfile
-from collections import Counter
 
-import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
-from dataprep.sources import options_for
+from coatnet_scale.storage import file_sha256, url_to_fs
+from dataprep.samples import IMAGE_EXTENSIONS, SampleError, encode_offsets, iter_samples, label_extensions, labeller
 
 
 def shard_name(split: str, index: int) -> str:
     return f"{split}-{index:06d}.tar"
 
 
+def offsets_name(shard: str) -> str:
+    return shard.removesuffix(".tar") + ".idx"
+
+
 class ShardWriter:
-    """Appends samples ({key}.cls, {key}.jpg, {key}.json) to a deterministic tar on local disk."""
+    """Appends samples ({key}.cls, {key}.jpg, {key}.json) to a deterministic tar on local disk,
+    noting where each sample starts (`offsets`, then the end of the last: dataprep/samples.py)."""
 
     def __init__(self, directory: str):
         fd, self.path = tempfile.mkstemp(dir=directory, prefix=".shard-", suffix=".tmp")
         self._file = os.fdopen(fd, "wb")
         self._tar = tarfile.open(fileobj=self._file, mode="w", format=tarfile.USTAR_FORMAT)
         self.samples = 0
+        self.offsets: list[int] = []
 
     def _add(self, name: str, data: bytes) -> None:
         info = tarfile.TarInfo(name)
@@ -41,6 +46,7 @@ class ShardWriter:
         self._tar.addfile(info, io.BytesIO(data))
 
     def add(self, key: str, jpeg: bytes, label: int, meta: dict) -> None:
+        self.offsets.append(self._tar.offset)
         self._add(f"{key}.cls", str(label).encode())
         self._add(f"{key}.jpg", jpeg)
         self._add(f"{key}.json", json.dumps(meta, sort_keys=True, separators=(",", ":")).encode())
@@ -48,6 +54,7 @@ class ShardWriter:
 
     def close(self) -> tuple[int, str]:
         """Finish the tar; return (size, sha256)."""
+        self.offsets.append(self._tar.offset)
         self._tar.close()
         self._file.close()
         return os.path.getsize(self.path), file_sha256(self.path)
@@ -56,14 +63,6 @@ class ShardWriter:
         self._file.close()
         if os.path.exists(self.path):
             os.remove(self.path)
-
-
-def file_sha256(path: str) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(2**20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def is_local(fs) -> bool:
@@ -108,58 +107,73 @@ def remove_stale_temporaries(fs, root: str) -> None:
 
 
 def verify_dataset(dest: str, storage_options: dict, progress=print) -> list[str]:
-    """Re-read every shard named in DEST/manifest.json; return a list of differences (empty: all good)."""
-    fs, root = fsspec.core.url_to_fs(dest, **options_for(dest, storage_options))
-    manifest_path = f"{root.rstrip('/')}/manifest.json"
+    """Re-read every shard named in DEST/manifest.json (one made by dataprep or by `dataprep
+    index`); return a list of differences (empty: all good): size, sha256, sample count, each
+    counted sample's image and label, and the offsets file."""
+    fs, root = url_to_fs(dest, storage_options)
+    root = root.rstrip("/")
+    manifest_path = f"{root}/manifest.json"
     if not fs.exists(manifest_path):
         return [f"{dest}/manifest.json: missing (the dataset is incomplete or DEST is wrong)"]
     manifest = json.loads(fs.cat_file(manifest_path))
+    label_of = labeller(manifest.get("labels"), manifest["classes"])
+    read = {*IMAGE_EXTENSIONS, *label_extensions(manifest.get("labels"))}
     problems = []
     total = 0
     for number, shard in enumerate(manifest["shards"], 1):
-        path = f"{root.rstrip('/')}/{shard['name']}"
-        if not fs.exists(path):
-            problems.append(f"{shard['name']}: missing")
+        name = shard["name"]
+        shard_fs, path = url_to_fs(shard["url"], storage_options) if "url" in shard else (fs, f"{root}/{name}")
+        if not shard_fs.exists(path):
+            problems.append(f"{name}: missing")
             continue
-        digest, size, keys, members = hashlib.sha256(), 0, Counter(), Counter()
-        with fs.open(path, "rb") as f:
-            hashing = _HashingReader(f, digest)
+        rejected = set(shard.get("rejected_keys", ()))
+        digest, offsets, unusable = hashlib.sha256(), [], []
+        with shard_fs.open(path, "rb") as f:
+            hashing = HashingReader(f, digest)
             try:
-                with tarfile.open(fileobj=hashing, mode="r|") as tar:
-                    for member in tar:
-                        key, _, ext = member.name.partition(".")
-                        keys[key] += 1
-                        members[ext] += 1
+                for sample in iter_samples(hashing, lambda ext: ext in read):
+                    if sample["__key__"] in rejected:
+                        continue
+                    try:
+                        label_of(sample)
+                    except SampleError as e:
+                        unusable.append(f"{sample['__key__']} ({e})")
+                    offsets.append(sample["__start__"])
+                    end = sample["__end__"]
             except tarfile.TarError as e:
-                problems.append(f"{shard['name']}: not a readable tar: {e}")
+                problems.append(f"{name}: not a readable tar: {e}")
                 continue
             hashing.drain()
-            size = hashing.size
-        if size != shard["bytes"]:
-            problems.append(f"{shard['name']}: {size} bytes, manifest says {shard['bytes']}")
+        if hashing.size != shard["bytes"]:
+            problems.append(f"{name}: {hashing.size} bytes, manifest says {shard['bytes']}")
         if digest.hexdigest() != shard["sha256"]:
-            problems.append(f"{shard['name']}: sha256 differs from the manifest")
-        if len(keys) != shard["samples"]:
-            problems.append(f"{shard['name']}: {len(keys)} samples, manifest says {shard['samples']}")
-        incomplete = [k for k, n in keys.items() if n != 3]
-        if incomplete:
-            problems.append(f"{shard['name']}: samples without all of .cls/.jpg/.json: {incomplete[:5]}")
-        total += len(keys)
-        progress(f"verify: {number}/{len(manifest['shards'])} {shard['name']}: {len(keys)} samples")
+            problems.append(f"{name}: sha256 differs from the manifest")
+        if len(offsets) != shard["samples"]:
+            problems.append(f"{name}: {len(offsets)} samples, manifest says {shard['samples']}")
+        if unusable:
+            problems.append(f"{name}: samples without an image or a usable label: {unusable[:5]}")
+        if shard.get("offsets") and offsets:
+            recorded = fs.cat_file(f"{root}/{shard['offsets']}")
+            if recorded != encode_offsets([*offsets, end]):
+                problems.append(f"{name}: {shard['offsets']} does not match the shard's sample offsets")
+        total += len(offsets)
+        progress(f"verify: {number}/{len(manifest['shards'])} {name}: {len(offsets)} samples")
     if total != manifest["total_samples"] and not problems:
         problems.append(f"{total} samples in shards, manifest says {manifest['total_samples']}")
     return problems
 
 
-class _HashingReader:
+class HashingReader:
     """A read-only stream that hashes and counts everything read through it."""
 
     def __init__(self, f, digest):
-        self._f, self._digest, self.size = f, digest, 0
+        self._f, self._digest, self.size, self.head = f, digest, 0, b""
 
     def read(self, n: int = -1) -> bytes:
         data = self._f.read(n)
         self._digest.update(data)
+        if self.size < 8:
+            self.head += data[:8 - self.size]
         self.size += len(data)
         return data
 

@@ -122,12 +122,33 @@ def submit(client, command: str, arguments: list[str], submission_id: str | None
         raise SystemExit(f"submit: command must be one of {', '.join(COMMANDS)}, got {command!r}")
     arguments, config = checked_command(command, arguments, working_dir)
     entrypoint = shlex.join(["python", "-m", f"coatnet_scale.{command}", *arguments])
+    ours = submission_id is None
     submission_id = submission_id or f"{command}-{config.run_name}-{time.strftime('%Y%m%d-%H%M%S')}"
-    return client.submit_job(entrypoint=entrypoint, submission_id=submission_id,
-                             runtime_env=runtime_env(list(forward_env), working_dir), entrypoint_num_cpus=0)
+    try:
+        return client.submit_job(entrypoint=entrypoint, submission_id=submission_id,
+                                 runtime_env=runtime_env(list(forward_env), working_dir), entrypoint_num_cpus=0)
+    except RuntimeError as e:
+        # A busy dashboard may time out handing the job to its agent and hand it again, then
+        # report that the job it did submit "already exists": with an id made here, it is ours.
+        if ours and "already exists" in str(e):
+            return submission_id
+        raise
+
+
+def use_token_if_present() -> None:
+    """Ray's clients send a token only with RAY_AUTH_MODE=token, while a `ray start` finding
+    ~/.ray/auth_token (left by `make demo`, `ray get-auth-token --generate`, or a token-auth
+    head on this machine) turns token authentication on by itself. So when a token is at hand,
+    turn the mode on for this process, before Ray reads it; a cluster without authentication
+    ignores the token."""
+    at_hand = (os.environ.get("RAY_AUTH_TOKEN") or os.environ.get("RAY_AUTH_TOKEN_PATH")
+               or (Path.home() / ".ray" / "auth_token").is_file())
+    if at_hand and "RAY_AUTH_MODE" not in os.environ:
+        os.environ["RAY_AUTH_MODE"] = "token"
 
 
 def client_for(address: str | None):
+    use_token_if_present()
     from ray.job_submission import JobSubmissionClient
 
     return JobSubmissionClient(address or os.environ.get("RAY_ADDRESS") or "http://127.0.0.1:8265")

@@ -17,6 +17,7 @@ Memory is read when Prometheus scrapes, not during training.
 """
 from __future__ import annotations
 
+import ipaddress
 import json
 import logging
 import resource
@@ -227,6 +228,24 @@ def _ray_identity() -> tuple[int, str, str | None]:
     return ray.train.get_context().get_local_rank(), job_key, ray.util.get_node_ip_address()
 
 
+def is_loopback(target: str) -> bool:
+    host = target.rpartition(":")[0].strip("[]")
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:  # a host name
+        return host == "localhost"
+
+
+def warn_loopback_across_nodes(listed: list[tuple[str, dict]], nodes: set[str]) -> None:
+    """A loopback target is reachable only from its own node: with workers on several nodes,
+    Prometheus (on one host) would scrape its own host's exporters, or nothing, for the others."""
+    loopback = sorted({t.rpartition(":")[0] for t, _ in listed if is_loopback(t)})
+    if len(nodes) > 1 and loopback:
+        log.warning("monitoring: the workers are on %d nodes but publish loopback addresses (%s), which Prometheus "
+                    "can reach only on its own host; set monitoring.address to node (each node's Ray address) "
+                    "or 0.0.0.0, on a private network", len(nodes), ", ".join(loopback))
+
+
 def start_training_monitor(config, rank: int, world_size: int, device, step: int, epoch: int):
     """The worker's monitor, serving /metrics, with every rank's target published by rank 0.
 
@@ -254,18 +273,20 @@ def start_training_monitor(config, rank: int, world_size: int, device, step: int
     except Exception:  # outside Ray Train (benchmarks, tests): one process per node
         local_rank, job_key, node_ip = rank, None, None
     port = m.port + local_rank if m.port else 0
-    monitor.exporter = serve(monitor.registry, m.address, port, f"rank {rank} metrics")
-    target = f"{advertised_host(m.address, node_ip)}:{monitor.exporter.port}" if monitor.exporter else None
+    address = (node_ip or "127.0.0.1") if m.address == "node" else m.address
+    monitor.exporter = serve(monitor.registry, address, port, f"rank {rank} metrics")
+    target = f"{advertised_host(address, node_ip)}:{monitor.exporter.port}" if monitor.exporter else None
     restarts = 0
     if rank == 0 and job_key is not None:
         try:
             restarts = record_group_start(f"{config.storage.url.rstrip('/')}/{config.run_name}", monitor.storage_options, job_key)
         except Exception as e:
             log.warning("cannot record the worker group start in storage (%s); restarts not counted", e)
-    shared = [(target, labels, restarts)]
+    mine = (target, labels, restarts, node_ip or labels["node"])
+    shared = [mine]
     if dist.is_available() and dist.is_initialized() and world_size > 1:
         shared = [None] * world_size
-        dist.all_gather_object(shared, (target, labels, restarts))
+        dist.all_gather_object(shared, mine)
     monitor.restarts.inc(shared[0][2])
     if step:  # resumed: the checkpoint it resumed from is the newest complete one
         monitor.checkpoint_step.set(step)
@@ -274,8 +295,10 @@ def start_training_monitor(config, rank: int, world_size: int, device, step: int
     if rank == 0:
         monitor.targets_url = targets_url(config)
         try:
-            write_targets(monitor.targets_url, [(t, lab) for t, lab, _ in shared if t], monitor.storage_options)
-            print(f"monitoring: {sum(1 for t, _, _ in shared if t)} of {world_size} workers' /metrics listed in "
+            listed = [(t, lab) for t, lab, _, _ in shared if t]
+            write_targets(monitor.targets_url, listed, monitor.storage_options)
+            warn_loopback_across_nodes(listed, {node for _, _, _, node in shared})
+            print(f"monitoring: {len(listed)} of {world_size} workers' /metrics listed in "
                   f"{monitor.targets_url} (Prometheus file_sd)", flush=True)
         except Exception as e:
             log.warning("cannot write the Prometheus target list %s (%s: %s)", monitor.targets_url, type(e).__name__, e)

@@ -1,6 +1,9 @@
-"""Shared fixtures: free ports, and a real S3 endpoint on loopback (moto's threaded server,
-as s3fs's own tests use)."""
+"""Shared fixtures: free ports, a real S3 endpoint on loopback (moto's threaded server, as
+s3fs's own tests use), real Ray clusters on loopback (`ray start`; two nodes for multi-node
+tests)."""
+import contextlib
 import os
+import secrets
 import shutil
 import signal
 import socket
@@ -70,25 +73,32 @@ def demo_corpus():
     return DEMO
 
 
-class RayCluster:
-    """`ray start --head --block` on loopback with token authentication, stopped by its pid
-    and the pids of its session."""
+RAY = str(Path(sys.executable).parent / "ray")
+# Every port of a node explicit, so nothing collides with another Ray on the machine.
+NODE_PORTS = ("--dashboard-agent-listen-port", "--dashboard-agent-grpc-port", "--metrics-export-port",
+              "--runtime-env-agent-port", "--node-manager-port", "--object-manager-port")
 
-    def __init__(self, env: dict):
+
+class RayCluster:
+    """`ray start --head --block` on loopback (token authentication when `env` asks for it),
+    plus any nodes `add_node` starts; stopped by their pids and the pids of their sessions.
+    `address` is the GCS (ray.init, `ray start --address`), `dashboard` the job API."""
+
+    def __init__(self, env: dict, num_cpus: float = 2, head_args: tuple = (), node_ip: str = "127.0.0.1",
+                 port: int | None = None):
+        self.env, self.node_ip = env, node_ip
         self.temp_dir = tempfile.mkdtemp(prefix="ray", dir="/tmp")  # short: Ray's socket paths have a limit
+        self.temp_dirs, self.nodes = [self.temp_dir], []
         self.dashboard = ""
-        # Every port explicit, so nothing collides with another Ray on the machine.
-        ports = {flag: _free_port() for flag in (
-            "--port", "--dashboard-port", "--dashboard-agent-listen-port", "--dashboard-agent-grpc-port",
-            "--metrics-export-port", "--ray-client-server-port", "--runtime-env-agent-port",
-            "--node-manager-port", "--object-manager-port",
-        )}
+        ports = {flag: _free_port() for flag in ("--port", "--dashboard-port", "--ray-client-server-port", *NODE_PORTS)}
+        ports["--port"] = port or ports["--port"]
         self.process = subprocess.Popen(
-            [str(Path(sys.executable).parent / "ray"), "start", "--head", "--block", "--node-ip-address", "127.0.0.1",
-             "--dashboard-host", "127.0.0.1", "--num-cpus", "2", "--temp-dir", self.temp_dir,
-             *[str(x) for flag_port in ports.items() for x in flag_port]],
+            [RAY, "start", "--head", "--block", "--node-ip-address", node_ip,
+             "--dashboard-host", "127.0.0.1", "--num-cpus", str(num_cpus), "--temp-dir", self.temp_dir,
+             "--disable-usage-stats", *head_args, *[str(x) for flag_port in ports.items() for x in flag_port]],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env,
         )
+        self.address = f"{node_ip}:{ports['--port']}"
         self.dashboard = f"http://127.0.0.1:{ports['--dashboard-port']}"
         try:
             from ray.job_submission import JobSubmissionClient
@@ -105,16 +115,100 @@ class RayCluster:
             self.stop()
             raise
 
+    def add_node(self, num_cpus: float, node_ip: str = "127.0.0.1", timeout: float = 60) -> subprocess.Popen:
+        """Another raylet on this machine joining the head (`ray start --address`), with its own
+        resources, temp folder and ports; any 127.x.y.z is this machine's loopback too, and
+        gives the node an address of its own. Returns once the cluster lists it alive."""
+        temp_dir = tempfile.mkdtemp(prefix="ray", dir="/tmp")
+        self.temp_dirs.append(temp_dir)
+        before = sum(n["node_ip"] == node_ip for n in self.alive_nodes())
+        process = subprocess.Popen(
+            [RAY, "start", "--address", self.address, "--block", "--node-ip-address", node_ip,
+             "--num-cpus", str(num_cpus), "--temp-dir", temp_dir, "--disable-usage-stats",
+             *[str(x) for flag in NODE_PORTS for x in (flag, _free_port())]],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=self.env,
+        )
+        self.nodes.append(process)
+        deadline = time.monotonic() + timeout
+        while sum(n["node_ip"] == node_ip for n in self.alive_nodes()) <= before:
+            assert time.monotonic() < deadline and process.poll() is None, f"ray start --address {self.address} failed"
+            time.sleep(0.5)
+        return process
+
+    def alive_nodes(self) -> list[dict]:
+        from ray.util.state import list_nodes
+
+        return [n for n in list_nodes(address=self.dashboard) if n["state"] == "ALIVE"]
+
     def stop(self):
-        self.process.send_signal(signal.SIGTERM)
-        try:
-            self.process.wait(timeout=10)  # what outlives it is killed by its session folder below
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-        mine = subprocess.run(["pgrep", "-f", self.temp_dir], capture_output=True, text=True).stdout.split()
-        for pid in mine:
+        for process in [*self.nodes, self.process]:
+            process.send_signal(signal.SIGTERM)
+        for process in [*self.nodes, self.process]:
             try:
-                os.kill(int(pid), signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-        shutil.rmtree(self.temp_dir, ignore_errors=True)
+                process.wait(timeout=10)  # what outlives it is killed by its session folder below
+            except subprocess.TimeoutExpired:
+                process.kill()
+        # Nodes an autoscaler started keep the head's session name, not its temp folder.
+        session = Path(self.temp_dir, "session_latest").resolve().name
+        for pattern in [*self.temp_dirs, *([session] if session.startswith("session_2") else [])]:
+            mine = subprocess.run(["pgrep", "-f", pattern], capture_output=True, text=True).stdout.split()
+            for pid in mine:
+                try:
+                    os.kill(int(pid), signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+        for temp_dir in self.temp_dirs:
+            shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def ray_client_environment(multi_node: bool = False):
+    """This process's environment as a Ray cluster's nodes and clients need it, for as long as
+    the cluster lives: token authentication with a token of its own (clients read it from the
+    environment), no RAY_ADDRESS of another cluster, job entrypoints' `python` this venv's.
+    One node: RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 keeps Ray from replacing 127.0.0.1 with the
+    machine's address. Several: that setting refuses `ray start --address`, so it is unset, and
+    every node's address is given explicitly, none of them 127.0.0.1 (the one Ray replaces)."""
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv("RAY_AUTH_MODE", "token")
+        env.setenv("RAY_AUTH_TOKEN", secrets.token_hex(32))
+        if multi_node:
+            env.delenv("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", raising=False)
+        else:
+            env.setenv("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+        env.setenv("PATH", f"{Path(sys.executable).parent}:{os.environ['PATH']}")
+        env.delenv("RAY_ADDRESS", raising=False)
+        _reload_ray_auth()
+        try:
+            yield
+        finally:
+            env.undo()
+            _reload_ray_auth()
+
+
+def _reload_ray_auth() -> None:
+    """Ray reads the authentication mode and token once per process and caches them; this
+    process's clients must see the current cluster's, not an earlier test module's."""
+    from ray._raylet import AuthenticationTokenLoader, Config
+
+    Config.initialize("")
+    AuthenticationTokenLoader.instance().reset_cache()
+
+
+@pytest.fixture(scope="module")
+def two_node_cluster(s3_endpoint):
+    """A Ray cluster of two nodes on this machine's loopback, token authentication on: the head
+    on 127.0.0.2 (dashboard and job API on 127.0.0.1) and a second raylet on 127.0.0.3, each
+    with 2 logical CPUs (4 one-CPU workers fit, 2 per node). Submit jobs to `dashboard`; a
+    driver started in the test process connects with ray.init(address=cluster.address,
+    _node_ip_address=cluster.node_ip). Workers see the S3 endpoint on loopback through the AWS
+    environment; a local storage path is node-local here, as on a real cluster, so give runs
+    s3:// storage (the `s3_bucket` fixture) or storage.shared: true. One cluster per test
+    module; `add_node` starts another node (after a test removes one, say)."""
+    with ray_client_environment(multi_node=True):
+        cluster = RayCluster(dict(os.environ), num_cpus=2, node_ip="127.0.0.2")
+        try:
+            cluster.add_node(num_cpus=2, node_ip="127.0.0.3")
+            yield cluster
+        finally:
+            cluster.stop()

@@ -25,6 +25,23 @@ def test_shipped_configs_are_valid_and_say_how_to_run(path):
     assert config.model.image_size % 32 == 0
 
 
+@pytest.mark.parametrize("size", range(8))
+def test_pretraining_configs_carry_the_papers_21k_recipe(size):
+    """DESIGN.md section 3 for ImageNet-21K pretraining: Inception crops (area 8-100%) and flips,
+    RandAugment (2, 5..15), no Mixup (1K only), sigmoid loss with smoothing 1e-4, AdamW weight
+    decay 0.01, peak lr 1e-3 (5e-4 for the largest, CoAtNet-5/6/7), 10k warm-up then linear
+    decay, gradient clip 1.0."""
+    config = load_config(CONFIGS[0].parent / f"coatnet{size}.yaml")
+    data, train = config.data, config.train
+    assert config.model.num_classes == 21841
+    assert tuple(data.crop_scale) == (0.08, 1.0) and data.hflip
+    assert data.randaugment_ops == 2 and 5 <= data.randaugment_magnitude <= 15
+    assert data.mixup_alpha == 0 and data.cutmix_alpha == 0
+    assert (train.loss, train.label_smoothing, train.weight_decay) == ("sigmoid", 1e-4, 0.01)
+    assert (train.schedule, train.warmup_steps, train.grad_clip) == ("linear", 10_000, 1.0)
+    assert train.lr == (5e-4 if size >= 5 else 1e-3)
+
+
 def test_unknown_key_names_path_and_nearest(tmp_path):
     with pytest.raises(ConfigError) as e:
         load_config(write(tmp_path, "train:\n  lr_warmup: 5\n"))

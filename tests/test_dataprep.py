@@ -217,6 +217,55 @@ def test_tar_of_class_tars(tmp_path):
         assert manifest["classes"][int(sample["cls"])] == name.split("_")[0]
 
 
+def test_killed_listing_of_a_tar_of_tars_resumes_without_listing_again(tmp_path):
+    """Killed while its workers list the inner tars, a rerun lists only those not yet listed;
+    killed after listing, a rerun reuses the whole saved listing; the output is unchanged."""
+    rng = np.random.default_rng(4)
+    outer_path = tmp_path / "archive.tar"
+    image = jpeg_bytes(photo(rng, 40, 32))
+    inner_count = 300
+    with tarfile.open(outer_path, "w") as outer:
+        for c in range(inner_count):
+            buffer = io.BytesIO()
+            with tarfile.open(fileobj=buffer, mode="w") as inner:
+                for i in range(2):
+                    info = tarfile.TarInfo(f"n{c:04d}_{i}.JPEG")
+                    info.size = len(image)
+                    inner.addfile(info, io.BytesIO(image))
+            info = tarfile.TarInfo(f"n{c:04d}.tar")
+            info.size = buffer.tell()
+            outer.addfile(info, io.BytesIO(buffer.getvalue()))
+    args = ["--samples-per-shard", 50, "--workers", 1, "--min-side", 8]
+    dataprep(outer_path, tmp_path / "straight", *args)
+
+    out = tmp_path / "resumed"
+    parts = out / "_progress" / "listing" / "parts"
+    command = [sys.executable, "-m", "dataprep", str(outer_path), str(out), *map(str, args)]
+
+    def run_until(condition) -> str:
+        log = tmp_path / "log.txt"
+        with open(log, "w") as f:
+            process = subprocess.Popen(command, stdout=f, stderr=subprocess.STDOUT)
+            deadline = time.monotonic() + 120
+            while not condition():
+                assert process.poll() is None and time.monotonic() < deadline, "finished before it could be killed"
+                time.sleep(0.005)
+            process.send_signal(signal.SIGSTOP)  # nothing more is saved between the count below and the kill
+            process.send_signal(signal.SIGKILL)
+            process.wait()
+        return log.read_text()
+
+    run_until(lambda: len(list(parts.glob("0*.npz"))) >= 3 if parts.exists() else False)
+    listed = len(list(parts.glob("0*.npz")))
+    assert 3 <= listed < inner_count and not (out / "_progress" / "listing" / "listing.npz").exists()
+    log = run_until(lambda: (out / "_progress" / "listing" / "listing.npz").exists())
+    assert f"listing: {listed} of {inner_count} inner tars already listed" in log
+    assert not (out / "manifest.json").exists()
+    result = dataprep(outer_path, out, *args)
+    assert "reusing the saved listing" in result.stdout + result.stderr
+    assert read_tree(out) == read_tree(tmp_path / "straight")
+
+
 @pytest.mark.parametrize("labels_format", ["csv", "jsonl"])
 def test_folder_with_labels_file_and_fixed_classes(tmp_path, labels_format):
     """ImageNet's validation layout: loose images plus a labels file, labelled in the train
@@ -275,7 +324,7 @@ def test_s3_source_and_destination(corpus, s3_endpoint, s3_bucket, tmp_path):
     assert manifest["total_samples"] == len(good)
     assert sorted(fs.ls(f"{s3_bucket}/shards/train", detail=False)) == sorted(
         [f"{s3_bucket}/shards/train/{n}" for n in ("manifest.json", "rejected.jsonl")]
-        + [f"{s3_bucket}/shards/train/{s['name']}" for s in manifest["shards"]]
+        + [f"{s3_bucket}/shards/train/{s[field]}" for s in manifest["shards"] for field in ("name", "offsets")]
     )
     assert dataprep("verify", dest).returncode == 0
     # Identical bytes to a local run of the same corpus and options.
@@ -284,6 +333,7 @@ def test_s3_source_and_destination(corpus, s3_endpoint, s3_bucket, tmp_path):
     assert [s["sha256"] for s in local_manifest["shards"]] == [s["sha256"] for s in manifest["shards"]]
 
 
+@pytest.mark.slow
 def test_ray_workers_give_identical_output(corpus, tmp_path):
     """--ray with no address starts a local Ray instance; shards are Ray tasks."""
     source, _ = corpus
@@ -292,3 +342,15 @@ def test_ray_workers_give_identical_output(corpus, tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     dataprep(source, tmp_path / "ray", *args, "--ray", env=env, timeout=300)
     assert read_tree(tmp_path / "ray") == read_tree(tmp_path / "local")
+
+
+def test_shuffle_order_matches_random_shuffle():
+    """The compact shuffle keeps every existing dataset's shard contents."""
+    import random
+
+    from dataprep.prep import shuffled_order
+
+    for n in (0, 1, 2, 1000):
+        expected = list(range(n))
+        random.Random(5).shuffle(expected)
+        assert shuffled_order(n, 5).tolist() == expected

@@ -72,6 +72,7 @@ def checkpoint(tmp_path_factory):
     return folder, dict(results)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("weights", ["raw", "ema"])
 def test_export_gives_the_live_models_logits(checkpoint, tmp_path, weights):
     from coatnet_scale.export import export
@@ -87,6 +88,7 @@ def test_export_gives_the_live_models_logits(checkpoint, tmp_path, weights):
         torch.testing.assert_close(model(live["images"]), live[weights], rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_consolidates_from_s3(checkpoint, s3_bucket, tmp_path):
     import s3fs
 
@@ -100,6 +102,7 @@ def test_consolidates_from_s3(checkpoint, s3_bucket, tmp_path):
     assert remote.keys() == local.keys() and all(torch.equal(remote[k], local[k]) for k in local)
 
 
+@pytest.mark.slow
 def test_resized_model_loads_strictly(checkpoint, tmp_path):
     from coatnet_scale.export import export
 
@@ -115,6 +118,7 @@ def test_resized_model_loads_strictly(checkpoint, tmp_path):
         assert torch.isfinite(model.eval()(torch.randn(1, 3, 384, 384))).all()
 
 
+@pytest.mark.slow
 def test_incomplete_checkpoint_is_refused(checkpoint, tmp_path):
     import shutil
 
@@ -141,6 +145,7 @@ def test_new_classifier_when_the_label_set_changes():
         adapt_state_dict(source, 32, create_model("coatnet_pico_split", num_classes=21, image_size=32))
 
 
+@pytest.mark.slow
 def test_an_export_serves_as_initial_weights(checkpoint, s3_bucket, tmp_path):
     """--init accepts an export, local or on S3; preflight refuses one of another model."""
     from coatnet_scale.config import load_config

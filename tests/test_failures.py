@@ -4,7 +4,7 @@ from coatnet_scale.engine.failures import FailureLog, error_signature
 
 
 def fail(log: FailureLog, resumed_from, error: Exception, node="node-a", step=3):
-    attempt, stop = log.start(resumed_from, rank=0, world_size=1, node=node)
+    attempt, stop = log.start(resumed_from, rank=0, nodes=[node])
     assert stop is None
     log.record(attempt, rank=0, step=step, error=error)
 
@@ -13,22 +13,22 @@ def test_the_same_error_twice_from_the_same_checkpoint_stops(tmp_path):
     log = FailureLog(str(tmp_path), {}, "job1")
     fail(log, "step_000000100", KeyError("model.head"))
     fail(log, "step_000000100", KeyError("model.head"))
-    _, stop = log.start("step_000000100", rank=0, world_size=1, node="node-a")
+    _, stop = log.start("step_000000100", rank=0, nodes=["node-a"])
     assert stop is not None and "KeyError: 'model.head'" in stop and "checkpoint step_000000100" in stop
     assert log.stopped() == stop  # what the driver reads and prints
     # Another job (the command run again after a fix) starts with a clean record.
-    assert FailureLog(str(tmp_path), {}, "job2").start("step_000000100", 0, 1, "node-a")[1] is None
+    assert FailureLog(str(tmp_path), {}, "job2").start("step_000000100", 0, ["node-a"])[1] is None
 
 
 def test_progress_a_changed_group_or_another_error_goes_on(tmp_path):
     log = FailureLog(str(tmp_path), {}, "job")
     fail(log, "step_000000100", RuntimeError("boom"))
     fail(log, "step_000000200", RuntimeError("boom"))  # a checkpoint was written in between
-    assert log.start("step_000000200", 0, 1, "node-a")[1] is None
+    assert log.start("step_000000200", 0, ["node-a"])[1] is None
     fail(log, "step_000000200", RuntimeError("boom"), node="node-b")  # a lost node: the group moved
-    assert log.start("step_000000200", 0, 1, "node-b")[1] is None
+    assert log.start("step_000000200", 0, ["node-b"])[1] is None
     fail(log, "step_000000200", ValueError("other"), node="node-b")
-    assert log.start("step_000000200", 0, 1, "node-b")[1] is None
+    assert log.start("step_000000200", 0, ["node-b"])[1] is None
     assert log.stopped() is None
 
 

@@ -66,6 +66,7 @@ def test_submit_keeps_secrets_out_and_paths_absolute(demo_corpus, monkeypatch, t
     assert exit_info.value.code == 2
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("init, message", [
     ("/nonexistent/run", "finetune.init_checkpoint: /nonexistent/run: no complete checkpoint"),
     ("/nonexistent/weights.safetensors", "finetune.init_checkpoint: /nonexistent/weights.safetensors does not exist"),
@@ -135,6 +136,7 @@ def pretrained(cluster, demo_corpus, tmp_path_factory):
     return storage, logs
 
 
+@pytest.mark.slow
 def test_ray_job_submit_trains_and_survives_a_killed_worker(pretrained):
     storage, logs = pretrained
     assert re.search(r"resumed from .*step_0000000(50|100): step (50|100)", logs), "the restarted group did not resume"
@@ -151,6 +153,7 @@ def test_ray_job_submit_trains_and_survives_a_killed_worker(pretrained):
     assert len(list((storage / "job" / "monitoring" / "group_starts").iterdir())) == 2
 
 
+@pytest.mark.slow
 def test_handoff_finetunes_at_twice_the_resolution(cluster, pretrained, demo_corpus):
     storage, _ = pretrained
     result = subprocess.run(
@@ -177,6 +180,7 @@ def test_handoff_finetunes_at_twice_the_resolution(cluster, pretrained, demo_cor
     assert after["top1"] > before["top1"] + 0.1
 
 
+@pytest.mark.slow
 def test_finetune_on_one_worker_from_two(cluster, pretrained, demo_corpus):
     """The checkpoint was written by 2 workers; 1 worker starts from it (classifier kept, 32 px):
     three steps at a small learning rate keep the pretrained accuracy, which a fresh model

@@ -172,6 +172,7 @@ WORKERS = 3
 
 
 @needs_prometheus
+@pytest.mark.slow
 def test_prometheus_scrapes_every_worker_and_answers_every_dashboard_query(demo_corpus, tmp_path):
     """3 workers with monitoring.port=P serve on P, P+1, P+2; the test holds P+2 first, so rank 2
     runs without its exporter (one warning) and the run still finishes. Prometheus finds ranks 0

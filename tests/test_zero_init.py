@@ -30,6 +30,7 @@ def build_on_rank(rank: int, world_size: int, port: int, name: str, results) -> 
     torch.distributed.destroy_process_group()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["coatnet_pico_split", "coatnet_0"])
 def test_zero_init_partitions_weights(name, unused_tcp_port):
     world_size = 2

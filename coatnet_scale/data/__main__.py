@@ -1,11 +1,17 @@
 """`python -m coatnet_scale.data keys MANIFEST_URL --rank R --world-size W --num-workers K --epoch E`
 prints, one per line, the sample keys rank R trains on in epoch E, in order (exact mode).
+
+With `--resize-at B --new-world-size M` it prints every key read in epoch E by a group of W
+ranks that each consumed B batches and then resized to M ranks, each line prefixed by the
+group's size and the rank that read it (`W:r key`, then `M:r key`): each key once.
+
 `python -m coatnet_scale.data demo [DEST]` builds the demo corpus (default data/demo)."""
 import argparse
 import sys
 
 from coatnet_scale.data.demo import build_demo_corpus
 from coatnet_scale.data.loader import LoaderSpec, epoch_keys
+from coatnet_scale.data.plan import Phase
 from coatnet_scale.data.transforms import TransformSpec
 
 
@@ -22,6 +28,10 @@ def main() -> None:
     keys.add_argument("--batch-size", type=int, default=32)
     keys.add_argument("--seed", type=int, default=0)
     keys.add_argument("--shuffle-buffer", type=int, default=1000)
+    keys.add_argument("--resize-at", type=int, metavar="B", help="each rank consumed B batches, then the group resized")
+    keys.add_argument("--new-world-size", type=int, metavar="M", help="the group's size after --resize-at")
+    keys.add_argument("--new-num-workers", type=int, help="DataLoader workers per rank after the resize (default: the same)")
+    keys.add_argument("--new-batch-size", type=int, help="batch size after the resize (default: the same)")
     demo = commands.add_parser("demo", help="build the demo corpus from scikit-learn's digits")
     demo.add_argument("dest", nargs="?", default="data/demo")
     args = parser.parse_args()
@@ -30,14 +40,29 @@ def main() -> None:
         return
     if not 0 <= args.rank < args.world_size:
         parser.error(f"--rank must be in [0, {args.world_size})")
-    spec = LoaderSpec(args.manifest, args.batch_size, TransformSpec(image_size=32), num_workers=args.num_workers,
-                      seed=args.seed, shuffle_buffer=args.shuffle_buffer)
+    if (args.resize_at is None) != (args.new_world_size is None):
+        parser.error("--resize-at and --new-world-size go together")
+
+    def loader_spec(batch_size: int, workers: int) -> LoaderSpec:
+        return LoaderSpec(args.manifest, batch_size, TransformSpec(image_size=32), num_workers=workers,
+                          seed=args.seed, shuffle_buffer=args.shuffle_buffer)
+
     try:
-        keys_in_order = epoch_keys(spec, args.rank, args.world_size, args.epoch)
+        if args.resize_at is None:
+            lines = epoch_keys(loader_spec(args.batch_size, args.num_workers), args.rank, args.world_size, args.epoch)
+        else:
+            before = loader_spec(args.batch_size, args.num_workers)
+            after = loader_spec(args.new_batch_size or args.batch_size,
+                                args.num_workers if args.new_num_workers is None else args.new_num_workers)
+            phases = (Phase(args.world_size, args.num_workers, args.batch_size, args.resize_at),)
+            lines = [f"{args.world_size}:{r} {k}" for r in range(args.world_size)
+                     for k in epoch_keys(before, r, args.world_size, args.epoch, batches=args.resize_at)]
+            lines += [f"{args.new_world_size}:{r} {k}" for r in range(args.new_world_size)
+                      for k in epoch_keys(after, r, args.new_world_size, args.epoch, phases)]
     except (FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         raise SystemExit(2) from None
-    sys.stdout.write("".join(k + "\n" for k in keys_in_order))
+    sys.stdout.write("".join(line + "\n" for line in lines))
 
 
 if __name__ == "__main__":

@@ -14,8 +14,13 @@ The training checkpoint stores (epoch, batches consumed); samples consumed follo
 Bad data. A sample that fails to decode, or lacks its image or label, is skipped, logged with
 its shard and key, and counted in the batch's `corrupt` field; its batch is one smaller. When a
 worker's corrupt fraction passes `corrupt_limit` the run stops with `CorruptDataError`. Only
-.jpg/.jpeg/.png/.webp, .cls and .json members are read, and webdataset's security switch is on:
-nothing in a shard is ever unpickled.
+image members (.jpg/.jpeg/.png/.webp) and the label member (.cls, or .json for JSON labels) are
+read; nothing in a shard is ever unpickled. Samples a `dataprep index` manifest lists as
+rejected (no image, no label) are passed over without counting.
+
+Bytes. With offsets in the manifest (dataprep/samples.py) a slot fetches exactly the byte
+ranges of its samples, however far into a shard it starts; without, it streams each shard from
+its first byte, as webdataset does.
 """
 from __future__ import annotations
 
@@ -28,22 +33,18 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
-import webdataset
 from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
-from webdataset.tariterators import group_by_keys, tar_file_expander
 
-from coatnet_scale.data.plan import SlotPlan, derive_seed, exact_plan, resampled_plan
+from coatnet_scale.data.plan import EpochSpec, Phase, SlotPlan, derive_seed, phase_plan, shuffle_seed, shuffled
 from coatnet_scale.data.transforms import TransformSpec, make_batch_transform, make_sample_transform
-from coatnet_scale.storage import url_to_fs
-
-webdataset.utils.enforce_security = True
+from coatnet_scale.storage import RangeReader, url_to_fs
+from dataprep.samples import IMAGE_EXTENSIONS, image_member, iter_samples, label_extensions, labeller, read_offsets
 
 log = logging.getLogger(__name__)
 
-IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
-READ_EXTENSIONS = {*IMAGE_EXTENSIONS, "cls", "json"}
 READ_ATTEMPTS = 4
+STREAM_BLOCK = 4 * 2**20
 
 
 class CorruptDataError(RuntimeError):
@@ -56,13 +57,21 @@ class Manifest:
     shard_urls: list[str]
     shard_sizes: list[int]
     classes: list[str]
+    offsets_urls: list[str | None]  # per shard: its offsets file (dataprep/samples.py), if any
+    rejected_keys: list[frozenset[str]]  # per shard: samples in the tar that the manifest does not count
+    labels: dict | None = None  # where labels come from; None: the .cls member
 
     @property
     def total_samples(self) -> int:
         return sum(self.shard_sizes)
 
 
+def _resolve(base: str, name: str) -> str:
+    return name if "://" in name or name.startswith("/") else f"{base}/{name}"
+
+
 def load_manifest(url: str, storage_options: dict | None = None) -> Manifest:
+    """A manifest written by `python -m dataprep` or `python -m dataprep index`."""
     fs, path = url_to_fs(url, storage_options)
     try:
         manifest = json.loads(fs.cat_file(path))
@@ -70,7 +79,11 @@ def load_manifest(url: str, storage_options: dict | None = None) -> Manifest:
         raise FileNotFoundError(f"{url}: manifest not found (run dataprep first?)") from None
     base = url.rsplit("/", 1)[0]
     shards = manifest["shards"]
-    return Manifest(url, [f"{base}/{s['name']}" for s in shards], [s["samples"] for s in shards], manifest["classes"])
+    return Manifest(
+        url, [_resolve(base, s.get("url") or s["name"]) for s in shards], [s["samples"] for s in shards],
+        manifest["classes"], [_resolve(base, s["offsets"]) if s.get("offsets") else None for s in shards],
+        [frozenset(s.get("rejected_keys", ())) for s in shards], manifest.get("labels"),
+    )
 
 
 @dataclass(frozen=True)
@@ -92,23 +105,39 @@ class LoaderSpec:
 # Raw samples: plan -> shard bytes -> (key, members) in shuffled order
 
 
-def _read_segment(manifest: Manifest, shard: int, skip: int, take: int, storage_options: dict | None) -> Iterator[dict]:
-    """`take` samples of one shard after the first `skip`, reopening on transient errors."""
-    url = manifest.shard_urls[shard]
-    done, attempt = 0, 0
+def _read_segment(manifest: Manifest, shard: int, skip: int, take: int, storage_options: dict | None,
+                  wanted=lambda ext: True) -> Iterator[dict]:
+    """`take` samples of one shard after the first `skip`, reopening on transient errors where
+    it stopped. With an offsets file, exactly their bytes are fetched; without, the shard is
+    streamed from its start and the first `skip` samples passed over."""
+    url, offsets_url, rejected = manifest.shard_urls[shard], manifest.offsets_urls[shard], manifest.rejected_keys[shard]
+    done, attempt, offsets = 0, 0, None
     while done < take:
         try:
             fs, path = url_to_fs(url, storage_options)
-            with fs.open(path, "rb", block_size=4 * 2**20) as stream:
-                files = tar_file_expander([{"url": url, "stream": stream}], select_files=_wanted)
-                for index, sample in enumerate(group_by_keys(files)):
-                    if index < skip + done:
+            if offsets_url is not None:
+                if offsets is None:
+                    offsets_fs, offsets_path = url_to_fs(offsets_url, storage_options)
+                    offsets = read_offsets(offsets_fs, offsets_path, skip, take + 1)
+                stream, mode, passed = RangeReader(fs, path, int(offsets[done]), int(offsets[take])), "r|", skip + done
+            else:
+                stream, mode, passed = fs.open(path, "rb", block_size=STREAM_BLOCK), "r|*", 0
+            with stream:
+                for sample in iter_samples(stream, wanted, mode=mode):
+                    if sample["__key__"] in rejected:
                         continue
+                    if passed < skip + done:
+                        passed += 1
+                        continue
+                    sample["__url__"] = url
                     yield sample
                     done += 1
+                    passed += 1
                     if done == take:
                         return
-            raise EOFError(f"{url}: ended after {skip + done} samples, manifest says at least {skip + take}")
+            raise EOFError(f"{url}: ended after {passed} samples, manifest says at least {skip + take}")
+        except FileNotFoundError:  # not transient: a shard gone since the manifest was written
+            raise
         except (OSError, TimeoutError) as e:  # connection resets, throttling, truncated reads
             attempt += 1
             if attempt >= READ_ATTEMPTS:
@@ -117,42 +146,36 @@ def _read_segment(manifest: Manifest, shard: int, skip: int, take: int, storage_
             time.sleep(0.5 * 2**attempt)
 
 
-def _wanted(name: str) -> bool:
-    return name.rpartition(".")[2].lower() in READ_EXTENSIONS
+def _wanted(manifest: Manifest):
+    read = {*IMAGE_EXTENSIONS, *label_extensions(manifest.labels)}
+    return lambda ext: ext in read
 
 
-def _shuffled(samples: Iterator[dict], buffer_size: int, rng: random.Random) -> Iterator[dict]:
-    buffer: list[dict] = []
-    for sample in samples:
-        if len(buffer) < buffer_size:
-            buffer.append(sample)
-            continue
-        i = rng.randrange(buffer_size)
-        yield buffer[i]
-        buffer[i] = sample
-    rng.shuffle(buffer)
-    yield from buffer
+def _epoch_spec(spec: LoaderSpec, manifest: Manifest, epoch: int) -> EpochSpec:
+    return EpochSpec(tuple(manifest.shard_sizes), spec.seed, epoch, spec.shuffle, spec.shuffle_buffer, spec.mode,
+                     spec.epoch_samples)
 
 
-def _slot_plan(spec: LoaderSpec, manifest: Manifest, epoch: int, rank: int, world_size: int, worker: int) -> SlotPlan:
-    workers = max(1, spec.num_workers)
-    args = (manifest.shard_sizes, spec.seed, epoch, rank, world_size, worker, workers, spec.batch_size)
-    if spec.mode == "exact":
-        return exact_plan(*args, shuffle=spec.shuffle)
-    return resampled_plan(*args, spec.epoch_samples)
+def _slot_plan(spec: LoaderSpec, manifest: Manifest, epoch: int, rank: int, world_size: int, worker: int,
+               phases: tuple[Phase, ...] = ()) -> SlotPlan:
+    return phase_plan(_epoch_spec(spec, manifest, epoch), phases, rank, world_size, worker, max(1, spec.num_workers),
+                      spec.batch_size)
 
 
-def _raw_batches(spec: LoaderSpec, manifest: Manifest, epoch: int, rank: int, world_size: int, worker: int):
+def _raw_batches(spec: LoaderSpec, manifest: Manifest, epoch: int, rank: int, world_size: int, worker: int,
+                 phases: tuple[Phase, ...] = ()):
     """(batch index, raw samples, is last batch) for one worker's slot, in order."""
-    plan = _slot_plan(spec, manifest, epoch, rank, world_size, worker)
+    plan = _slot_plan(spec, manifest, epoch, rank, world_size, worker, phases)
     samples = (
         sample
         for segment in plan.segments
-        for sample in _read_segment(manifest, segment.shard, segment.skip, segment.take, spec.storage_options)
+        for sample in _read_segment(manifest, segment.shard, segment.skip, segment.take, spec.storage_options,
+                                    _wanted(manifest))
     )
     ordered = iter(samples)
     if spec.shuffle:
-        ordered = _shuffled(samples, spec.shuffle_buffer, random.Random(derive_seed(spec.seed, epoch, rank, worker, 2)))
+        seed = shuffle_seed(_epoch_spec(spec, manifest, epoch), rank, worker, len(phases))
+        ordered = shuffled(samples, spec.shuffle_buffer, random.Random(seed))
     last = len(plan.batch_sizes) - 1
     for index, size in enumerate(plan.batch_sizes):
         yield index, [next(ordered) for _ in range(size)], index == last
@@ -167,20 +190,19 @@ def _batches_before(start_batch: int, worker: int, num_workers: int) -> int:
 # Decoded batches
 
 
-def _decode(sample: dict) -> tuple[Image.Image, int]:
-    image_key = next((ext for ext in IMAGE_EXTENSIONS if ext in sample), None)
-    if image_key is None or "cls" not in sample:
-        raise ValueError(f"missing {'image' if image_key is None else '.cls'} member")
-    image = Image.open(io.BytesIO(sample[image_key]))
+def _decode(sample: dict, label_of) -> tuple[Image.Image, int]:
+    label = label_of(sample)
+    image = Image.open(io.BytesIO(sample[image_member(sample)]))
     image.load()  # decode now, so a damaged file fails here and is counted
-    return image.convert("RGB"), int(sample["cls"])
+    return (image if image.mode == "RGB" else image.convert("RGB")), label
 
 
 class ShardStream(IterableDataset):
     """One epoch of one rank's batches. Each DataLoader worker plays one slot of the plan."""
 
-    def __init__(self, spec: LoaderSpec, manifest: Manifest, rank: int, world_size: int, epoch: int, start_batch: int):
-        self.spec, self.manifest = spec, manifest
+    def __init__(self, spec: LoaderSpec, manifest: Manifest, rank: int, world_size: int, epoch: int, start_batch: int,
+                 phases: tuple[Phase, ...] = ()):
+        self.spec, self.manifest, self.phases = spec, manifest, phases
         self.rank, self.world_size, self.epoch, self.start_batch = rank, world_size, epoch, start_batch
 
     def __iter__(self):
@@ -192,16 +214,20 @@ class ShardStream(IterableDataset):
         skip = _batches_before(self.start_batch, worker, workers)
         sample_transform = make_sample_transform(self.spec.transform)
         batch_transform = make_batch_transform(self.spec.transform, len(self.manifest.classes))
+        label_of = labeller(self.manifest.labels, self.manifest.classes)
         limit = self.spec.corrupt_limit
         seen = corrupt = 0
-        for index, raw, last in _raw_batches(self.spec, self.manifest, self.epoch, self.rank, self.world_size, worker):
+        for index, raw, last in _raw_batches(self.spec, self.manifest, self.epoch, self.rank, self.world_size, worker,
+                                             self.phases):
             if index < skip:
                 continue
-            torch.manual_seed(derive_seed(self.spec.seed, self.epoch, self.rank, worker, index))
+            # A later phase of a resized epoch draws its augmentation afresh.
+            phase = (len(self.phases),) if self.phases else ()
+            torch.manual_seed(derive_seed(self.spec.seed, self.epoch, self.rank, worker, index, *phase))
             images, labels, keys, bad = [], [], [], 0
             for sample in raw:
                 try:
-                    image, label = _decode(sample)
+                    image, label = _decode(sample, label_of)
                     images.append(sample_transform(image))
                 except Exception as e:
                     bad += 1
@@ -219,7 +245,7 @@ class ShardStream(IterableDataset):
                 )
             if not images:
                 raise CorruptDataError(f"every sample of batch {index} (rank {self.rank}, worker {worker}) is corrupt")
-            batch_images, targets = batch_transform(torch.stack(images), torch.tensor(labels))
+            batch_images, targets = batch_transform(images, torch.tensor(labels))
             yield {"images": batch_images, "targets": targets, "labels": torch.tensor(labels), "keys": keys, "corrupt": bad}
 
 
@@ -233,10 +259,19 @@ class StreamingLoader:
             raise ValueError("resampled mode needs epoch_samples")
         self.spec, self.rank, self.world_size = spec, rank, world_size
         self.manifest = load_manifest(spec.manifest_url, spec.storage_options)
-        self.batches_per_epoch = len(_slot_plan(spec, self.manifest, 0, rank, world_size, 0).batch_sizes) * max(1, spec.num_workers)
+        self.batches_per_epoch = self.batches_in(0)
 
-    def epoch(self, epoch: int, start_batch: int = 0) -> DataLoader:
-        stream = ShardStream(self.spec, self.manifest, self.rank, self.world_size, epoch, start_batch)
+    def batches_in(self, epoch: int, phases: tuple[Phase, ...] = ()) -> int:
+        """This rank's batches in `epoch` (in the phase after `phases`, for a resized epoch)."""
+        return len(_slot_plan(self.spec, self.manifest, epoch, self.rank, self.world_size, 0, phases).batch_sizes) * \
+            max(1, self.spec.num_workers)
+
+    def epoch(self, epoch: int, start_batch: int = 0, phases: tuple[Phase, ...] = ()) -> DataLoader:
+        """Batches start_batch, start_batch + 1, ... of `epoch`; after `phases` (groups of other
+        sizes that read part of this epoch), the rest of the epoch cut for this group."""
+        if phases:
+            self.batches_in(epoch, phases)  # plans the rest once, here, before the workers fork
+        stream = ShardStream(self.spec, self.manifest, self.rank, self.world_size, epoch, start_batch, phases)
         workers = self.spec.num_workers
         # A generator of its own: the DataLoader draws its workers' base seed from it, which
         # would otherwise advance the trainer's global RNG and break bit-exact resume. Our
@@ -246,15 +281,14 @@ class StreamingLoader:
                           generator=torch.Generator())
 
 
-def epoch_keys(spec: LoaderSpec, rank: int, world_size: int, epoch: int) -> list[str]:
+def epoch_keys(spec: LoaderSpec, rank: int, world_size: int, epoch: int, phases: tuple[Phase, ...] = (),
+               batches: int | None = None) -> list[str]:
     """The sample keys `rank` trains on in `epoch`, in order (before corrupt samples drop out),
-    computed the way the loader computes them, without decoding anything."""
+    computed the way the loader computes them, without decoding anything: in the phase after
+    `phases`, and only its first `batches` batches if given."""
     manifest = load_manifest(spec.manifest_url, spec.storage_options)
     workers = max(1, spec.num_workers)
-    per_worker = [[[s["__key__"] for s in raw] for _, raw, _ in _raw_batches(spec, manifest, epoch, rank, world_size, w)]
+    per_worker = [[[s["__key__"] for s in raw] for _, raw, _ in _raw_batches(spec, manifest, epoch, rank, world_size, w, phases)]
                   for w in range(workers)]
-    keys = []
-    for batch in range(len(per_worker[0])):
-        for w in range(workers):
-            keys += per_worker[w][batch]
-    return keys
+    in_order = [per_worker[w][batch] for batch in range(len(per_worker[0])) for w in range(workers)]
+    return [key for batch in in_order[:batches] for key in batch]

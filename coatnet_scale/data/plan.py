@@ -10,10 +10,19 @@ count and sizes.
 
 Resampled mode (corpora far larger than one pass): each slot draws shards at random, with
 replacement, seeded by (seed, epoch, slot), until it has read its share of `epoch_samples`.
+
+A group that changes size mid-epoch (an elastic resize) continues the epoch in a new phase:
+each earlier `Phase` records a group's size, its DataLoader workers, batch size and the
+batches each rank had consumed. Which samples those were follows from the plan (a worker's
+consumed batches are the first outputs of its shuffle buffer, `shuffled`); the rest of the
+epoch, in epoch order, is cut into the new group's slots as above. So every sample of the
+epoch is still read exactly once, and the same phases always give the same plan.
 """
 from __future__ import annotations
 
+import functools
 import random
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -99,3 +108,133 @@ def resampled_plan(
         remaining -= take
     batches = batches_per_slot(epoch_samples, slots, batch_size)
     return SlotPlan(segments, slot_batch_sizes(end - start, batches, batch_size))
+
+
+# ---------------------------------------------------------------------------------------
+# Shuffling, and epochs that change group size midway
+
+
+def shuffled(items: Iterable, buffer_size: int, rng: random.Random) -> Iterator:
+    """A shuffle buffer: the order depends only on the number of items and the rng."""
+    buffer: list = []
+    for item in items:
+        if len(buffer) < buffer_size:
+            buffer.append(item)
+            continue
+        i = rng.randrange(buffer_size)
+        yield buffer[i]
+        buffer[i] = item
+    rng.shuffle(buffer)
+    yield from buffer
+
+
+@dataclass(frozen=True)
+class Phase:
+    """Part of an epoch read by a group before it changed size."""
+
+    world_size: int
+    num_workers: int  # DataLoader workers per rank (0 counts as 1)
+    batch_size: int
+    batches: int  # batches each rank had consumed
+
+
+@dataclass(frozen=True)
+class EpochSpec:
+    """What fixes an epoch's plan besides the group: the data, the order and the mode."""
+
+    shard_sizes: tuple[int, ...]
+    seed: int
+    epoch: int
+    shuffle: bool = True
+    shuffle_buffer: int = 1000
+    mode: str = "exact"
+    epoch_samples: int | None = None
+
+
+def shuffle_seed(spec: EpochSpec, rank: int, worker: int, phase: int) -> int:
+    """The seed of a worker's shuffle buffer (phase 0 keeps the seed an unresized epoch uses)."""
+    return derive_seed(spec.seed, spec.epoch, rank, worker, 2) if phase == 0 else \
+        derive_seed(spec.seed, spec.epoch, rank, worker, 2, phase)
+
+
+def phase_plan(spec: EpochSpec, phases: tuple[Phase, ...], rank: int, world_size: int, worker: int,
+               num_workers: int, batch_size: int) -> SlotPlan:
+    """The slot of (rank, worker) in the phase after `phases` (none: an ordinary epoch)."""
+    if not phases:
+        args = (list(spec.shard_sizes), spec.seed, spec.epoch, rank, world_size, worker, num_workers, batch_size)
+        if spec.mode == "exact":
+            return exact_plan(*args, shuffle=spec.shuffle)
+        return resampled_plan(*args, spec.epoch_samples)
+    slots = world_size * num_workers
+    slot = rank * num_workers + worker
+    if spec.mode != "exact":  # resampled: only the count of what is left matters
+        left = spec.epoch_samples - sum(len(c) for c in _consumed(spec, phases))
+        start, end = balanced_ranges(left, slots)[slot]
+        rng = random.Random(derive_seed(spec.seed, spec.epoch, slot, 1, len(phases)))
+        segments, remaining = [], end - start
+        while remaining > 0:
+            shard = rng.randrange(len(spec.shard_sizes))
+            take = min(remaining, spec.shard_sizes[shard])
+            segments.append(Segment(shard, 0, take))
+            remaining -= take
+        return SlotPlan(segments, slot_batch_sizes(end - start, batches_per_slot(left, slots, batch_size), batch_size))
+    left = remaining_positions(spec, phases)
+    start, end = balanced_ranges(len(left), slots)[slot]
+    batches = batches_per_slot(len(left), slots, batch_size)
+    return SlotPlan(_segments(spec, left[start:end]), slot_batch_sizes(end - start, batches, batch_size))
+
+
+def remaining_positions(spec: EpochSpec, phases: tuple[Phase, ...]) -> np.ndarray:
+    """Epoch positions (indices into the epoch's sample sequence) no earlier phase consumed, in order."""
+    taken = np.zeros(sum(spec.shard_sizes), dtype=bool)
+    for consumed in _consumed(spec, phases):
+        taken[consumed] = True
+    return np.flatnonzero(~taken)
+
+
+@functools.lru_cache(maxsize=8)
+def _consumed(spec: EpochSpec, phases: tuple[Phase, ...]) -> tuple[np.ndarray, ...]:
+    """Per earlier phase and slot, the epoch positions its consumed batches held. Cached: every
+    DataLoader worker forks from a process that has computed it already."""
+    result = []
+    for index, phase in enumerate(phases):
+        workers = max(1, phase.num_workers)
+        for rank in range(phase.world_size):
+            for worker in range(workers):
+                plan = phase_plan(spec, phases[:index], rank, phase.world_size, worker, workers, phase.batch_size)
+                count = sum(plan.batch_sizes[: len(range(worker, phase.batches, workers))])
+                positions = _positions(spec, plan.segments)
+                if spec.shuffle:
+                    positions = shuffled(positions, spec.shuffle_buffer, random.Random(shuffle_seed(spec, rank, worker, index)))
+                result.append(np.fromiter((p for _, p in zip(range(count), positions)), dtype=np.int64, count=count))
+    return tuple(result)
+
+
+def _order_starts(spec: EpochSpec) -> tuple[list[int], np.ndarray]:
+    """The epoch's shard order and where each of them starts in the epoch sequence."""
+    order = list(range(len(spec.shard_sizes)))
+    if spec.shuffle:
+        random.Random(derive_seed(spec.seed, spec.epoch)).shuffle(order)
+    starts = np.concatenate([[0], np.cumsum([spec.shard_sizes[s] for s in order])])
+    return order, starts
+
+
+def _positions(spec: EpochSpec, segments: list[Segment]) -> Iterator[int]:
+    order, starts = _order_starts(spec)
+    where = {shard: int(starts[i]) for i, shard in enumerate(order)}
+    for segment in segments:
+        yield from range(where[segment.shard] + segment.skip, where[segment.shard] + segment.skip + segment.take)
+
+
+def _segments(spec: EpochSpec, positions: np.ndarray) -> list[Segment]:
+    """Runs of consecutive positions within one shard, as segments."""
+    order, starts = _order_starts(spec)
+    segments: list[Segment] = []
+    if len(positions) == 0:
+        return segments
+    shard_of = np.searchsorted(starts, positions, side="right") - 1
+    breaks = np.flatnonzero((np.diff(positions) != 1) | (np.diff(shard_of) != 0)) + 1
+    for run in np.split(np.arange(len(positions)), breaks):
+        first, index = int(positions[run[0]]), int(shard_of[run[0]])
+        segments.append(Segment(order[index], first - int(starts[index]), len(run)))
+    return segments

@@ -8,14 +8,25 @@ its files and passed a barrier, so a checkpoint interrupted at any point has no 
 never resumed from. DeepSpeed's `latest` file is neither written nor read. After each save
 rank 0 keeps the newest `keep` complete checkpoints and removes the rest.
 
+Integrity. DeepSpeed's loaders unpickle its files (`torch.load(weights_only=False)`), so a file
+changed after the save could run code on every worker at the next resume. Each rank hashes
+the files it wrote; the marker lists every file's sha256; every rank checks what it loads
+against the marker before DeepSpeed reads it. Which checkpoint to resume from is rank 0's
+decision alone (`choose`), broadcast with its marker: on a shared filesystem with attribute
+caching, ranks listing for themselves could see different markers.
+
 On a local (or shared) filesystem DeepSpeed writes in place; for object stores each rank
 writes to its own local staging folder and uploads, and on load fetches only its own files.
 """
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
+import shutil
+import subprocess
+import sys
 import tempfile
 import time
 
@@ -23,9 +34,10 @@ import torch
 import torch.distributed as dist
 from fsspec.implementations.local import LocalFileSystem
 
-from coatnet_scale.storage import url_to_fs, write_atomic
+from coatnet_scale.storage import file_sha256, url_to_fs, write_atomic
 
 MARKER = "COMPLETE.json"
+UNIVERSAL = "universal"  # {checkpoints}/universal/step_N: step_N in DeepSpeed's universal format
 
 
 def tag_for(step: int) -> str:
@@ -34,12 +46,12 @@ def tag_for(step: int) -> str:
 
 class Checkpoints:
     def __init__(self, url: str, storage_options: dict, keep: int, rank: int, world_size: int,
-                 metadata: dict | None = None):
+                 metadata: dict | None = None, local_rank: int = 0):
         self.url = url.rstrip("/")
         self.metadata = metadata or {}  # recorded in every marker, e.g. the model section for fine-tuning
         self.fs, self.root = url_to_fs(self.url, storage_options)
         self.root = self.root.rstrip("/")
-        self.keep, self.rank, self.world_size = keep, rank, world_size
+        self.keep, self.rank, self.world_size, self.local_rank = keep, rank, world_size, local_rank
         self.local = isinstance(self.fs, LocalFileSystem)
 
     def _staging(self):
@@ -74,6 +86,16 @@ class Checkpoints:
         complete = self.complete()
         return complete[-1][1] if complete else None
 
+    def choose(self) -> tuple[str | None, dict | None]:
+        """Collective: (tag, marker) of the newest complete checkpoint, as rank 0 sees it."""
+        choice = [None, None]
+        if self.rank == 0:
+            tag = self.latest()
+            choice = [tag, self._marker(tag) if tag else None]
+        if self.world_size > 1:
+            dist.broadcast_object_list(choice, src=0)
+        return choice[0], choice[1]
+
     # -- save ------------------------------------------------------------------------------
 
     def save(self, engine, step: int, trainer_state: dict) -> float:
@@ -87,14 +109,20 @@ class Checkpoints:
             engine.save_checkpoint(save_dir, tag=tag, save_latest=False)
             os.makedirs(written, exist_ok=True)
             torch.save(trainer_state, os.path.join(written, f"trainer_state_rank{self.rank}.pt"))
+            mine = sorted(name for name in os.listdir(written) if self._own(name))
+            digests = {name: file_sha256(os.path.join(written, name)) for name in mine}
             if self.local:
-                _fsync_files(written)  # on disk before the marker can say so
+                _fsync_files(written, self._own)  # on disk before the marker can say so
             else:
-                for name in sorted(os.listdir(written)):
+                for name in mine:
                     self.fs.put_file(os.path.join(written, name), f"{self.root}/{tag}/{name}")
-        dist.barrier()  # every rank's files are in storage before the marker exists
+        # Every rank's files are in storage before the marker exists (the gather is a barrier).
+        everyone = [None] * self.world_size
+        dist.all_gather_object(everyone, digests)
         if self.rank == 0:
-            marker = {"step": step, "world_size": self.world_size, "files": sorted(self._files(tag)), **self.metadata}
+            sha256 = {name: digest for rank_digests in everyone for name, digest in rank_digests.items()}
+            marker = {"step": step, "world_size": self.world_size, "files": sorted(self._files(tag)), "sha256": sha256,
+                      **self.metadata}
             write_atomic(self.fs, f"{self.root}/{tag}/{MARKER}", json.dumps(marker, indent=1).encode())
             self._prune()
         dist.barrier()
@@ -115,27 +143,161 @@ class Checkpoints:
             # (a newer incomplete one may be another writer's save in progress).
             if int(tag[len("step_"):]) < newest:
                 self.fs.rm(f"{self.root}/{tag}", recursive=True)
+        if self.fs.exists(f"{self.root}/{UNIVERSAL}"):  # conversions of checkpoints no longer kept
+            for path in self.fs.ls(f"{self.root}/{UNIVERSAL}", detail=False):
+                tag = path.rstrip("/").rsplit("/", 1)[-1]
+                if tag.startswith("step_") and tag not in keep:
+                    self.fs.rm(path, recursive=True)
 
     # -- load ------------------------------------------------------------------------------
 
-    def load(self, engine, tag: str) -> dict:
-        """Collective: restore DeepSpeed's state and return this rank's trainer state."""
-        marker = self._marker(tag)
+    def load(self, engine, tag: str, marker: dict) -> dict:
+        """Collective: restore DeepSpeed's state and return this rank's trainer state. `marker`
+        is the one `choose` returned. A checkpoint of another world size loads through its
+        universal conversion (the engine must be built with `checkpoint.load_universal`); the
+        trainer state then has the EMA resharded, and `rng` None for a rank the checkpoint had
+        no state for."""
         if marker["world_size"] != self.world_size:
-            raise RuntimeError(
-                f"{self.url}/{tag} was written by {marker['world_size']} workers; resuming needs the same "
-                f"number (this run has {self.world_size}). Fine-tuning consolidates it instead."
-            )
+            return self._load_resharded(engine, tag, marker)
         with self._staging() as load_dir:
             if not self.local:
                 os.makedirs(os.path.join(load_dir, tag), exist_ok=True)
                 for name in marker["files"]:
                     if self._needed(name):
                         self.fs.get_file(f"{self.root}/{tag}/{name}", os.path.join(load_dir, tag, name))
+            self._verify(tag, marker, os.path.join(load_dir, tag))
             engine.load_checkpoint(load_dir, tag=tag, load_optimizer_states=True, load_lr_scheduler_states=True)
             # On the CPU: a restarted group may put this rank on another GPU than the one that saved it.
             return torch.load(os.path.join(load_dir, tag, f"trainer_state_rank{self.rank}.pt"), map_location="cpu",
                               weights_only=True)
+
+    # -- another world size: DeepSpeed's universal checkpoint -----------------------------------
+
+    def _load_resharded(self, engine, tag: str, marker: dict) -> dict:
+        from coatnet_scale.engine.reshard import reshard_partitions
+
+        universal = self._universal(tag, marker)
+        with self._node_copy(f"{UNIVERSAL}/{tag}", universal) as folder:
+            engine.load_checkpoint(os.path.dirname(folder), tag=tag, load_optimizer_states=True,
+                                   load_lr_scheduler_states=True)
+        names = [f"trainer_state_rank{r}.pt" for r in range(marker["world_size"])]
+        with self._staging() as load_dir:
+            folder = os.path.join(load_dir, tag)
+            if not self.local:
+                os.makedirs(folder, exist_ok=True)
+                for name in names:
+                    self.fs.get_file(f"{self.root}/{tag}/{name}", os.path.join(folder, name))
+            verify_files(f"{self.url}/{tag}", marker, folder, names)
+            states = [torch.load(os.path.join(folder, n), map_location="cpu", weights_only=True, mmap=True) for n in names]
+            state = {k: v for k, v in states[0].items() if k not in ("rng", "ema")}
+            state["rng"] = states[self.rank]["rng"] if self.rank < len(states) else None
+            state["resized_from"] = marker["world_size"]
+            if all("ema" in s for s in states):
+                numels = {n: p.ds_numel if hasattr(p, "ds_numel") else p.numel() for n, p in engine.module.named_parameters()}
+                emas = [s["ema"] for s in states]
+                state["ema"] = {
+                    "decay": emas[0]["decay"],
+                    "params": reshard_partitions([e["params"] for e in emas], numels, self.rank, self.world_size),
+                    # Each rank's BatchNorm statistics are its own; a new group starts from their mean.
+                    "buffers": {n: torch.stack([e["buffers"][n] for e in emas]).mean(0) for n in emas[0]["buffers"]},
+                }
+            return state
+
+    def _universal(self, tag: str, marker: dict) -> dict:
+        """Collective: the marker of `tag`'s universal conversion, made by rank 0 alone if no
+        complete one is there yet; every rank learns the marker or the error."""
+        outcome: list = [None, None]
+        if self.rank == 0:
+            try:
+                outcome[0] = self._universal_marker(tag) or self.convert(tag, marker)
+            except Exception as e:
+                outcome[1] = f"{type(e).__name__}: {e}"
+        if self.world_size > 1:
+            dist.broadcast_object_list(outcome, src=0)  # the others wait here while rank 0 converts
+        if outcome[1] is not None:
+            raise RuntimeError(f"cannot convert {self.url}/{tag} for {self.world_size} workers: {outcome[1]}")
+        return outcome[0]
+
+    def _universal_marker(self, tag: str) -> dict | None:
+        try:
+            return json.loads(self.fs.cat_file(f"{self.root}/{UNIVERSAL}/{tag}/{MARKER}"))
+        except (FileNotFoundError, ValueError):
+            return None
+
+    def convert(self, tag: str, marker: dict) -> dict:
+        """DeepSpeed's ds_to_universal on a verified local copy, into {checkpoints}/universal/TAG,
+        which counts only once its marker is written (last)."""
+        start = time.monotonic()
+        print(f"converting {self.url}/{tag} ({marker['world_size']} workers) to DeepSpeed's universal "
+              f"format for {self.world_size}", flush=True)
+        inputs = [n for n in marker["files"] if n.endswith(("_optim_states.pt", "_model_states.pt"))]
+        target = f"{self.root}/{UNIVERSAL}/{tag}"
+        with tempfile.TemporaryDirectory(prefix="coatnet_scale_universal_") as work:
+            if self.local:
+                os.makedirs(f"{self.root}/{UNIVERSAL}", exist_ok=True)
+                source, out = f"{self.root}/{tag}", f"{self.root}/{UNIVERSAL}/.{tag}-{os.getpid()}-partial"
+            else:
+                source, out = os.path.join(work, "in", tag), os.path.join(work, "out", tag)
+                os.makedirs(source)
+                for name in inputs:
+                    self.fs.get_file(f"{self.root}/{tag}/{name}", os.path.join(source, name))
+            verify_files(f"{self.url}/{tag}", marker, source, inputs)  # the converter unpickles them
+            if self.fs.exists(target):  # an unmarked leftover of a conversion that died
+                self.fs.rm(target, recursive=True)
+            result = subprocess.run(
+                [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder", source,
+                 "--output_folder", out, "--num_extract_workers", "1", "--num_merge_workers", "1"],
+                capture_output=True, text=True)
+            if result.returncode != 0:
+                raise RuntimeError(f"ds_to_universal failed: {(result.stderr or result.stdout).strip()[-2000:]}")
+            files = sorted(os.path.relpath(os.path.join(d, f), out) for d, _, fs in os.walk(out) for f in fs)
+            sha256 = {name: file_sha256(os.path.join(out, name)) for name in files}
+            size = sum(os.path.getsize(os.path.join(out, name)) for name in files)
+            if self.local:
+                for name in files:  # on disk before the marker can say so
+                    with open(os.path.join(out, name), "rb") as f:
+                        os.fsync(f.fileno())
+                os.rename(out, target)
+            else:
+                for name in files:
+                    self.fs.put_file(os.path.join(out, name), f"{target}/{name}")
+        universal = {"step": marker["step"], "source_world_size": marker["world_size"], "files": files,
+                     "sha256": sha256, "bytes": size, "seconds": round(time.monotonic() - start, 1)}
+        write_atomic(self.fs, f"{target}/{MARKER}", json.dumps(universal, indent=1).encode())
+        print(f"converted {self.url}/{tag}: {size / 2**30:.2f} GiB in {universal['seconds']}s", flush=True)
+        return universal
+
+    @contextlib.contextmanager
+    def _node_copy(self, relative: str, universal: dict):
+        """Collective: a local folder holding the universal checkpoint, verified. From an object
+        store each node downloads it once (its local rank 0), not once per rank."""
+        if self.local:
+            folder = f"{self.root}/{relative}"
+            if self.local_rank == 0:
+                verify_files(f"{self.url}/{relative}", universal, folder, universal["files"])
+            dist.barrier()
+            yield folder
+            return
+        # Ranks are numbered node by node: the node's first rank names its copy (nodes that share
+        # a /tmp, as in tests on one machine, keep apart).
+        key = hashlib.sha256(f"{self.url}/{relative}/{self.rank - self.local_rank}".encode()).hexdigest()[:16]
+        folder = os.path.join(tempfile.gettempdir(), f"coatnet_scale_universal_{key}", os.path.basename(relative))
+        if self.local_rank == 0:
+            shutil.rmtree(os.path.dirname(folder), ignore_errors=True)
+            for name in universal["files"]:
+                os.makedirs(os.path.dirname(os.path.join(folder, name)), exist_ok=True)
+                self.fs.get_file(f"{self.root}/{relative}/{name}", os.path.join(folder, name))
+            verify_files(f"{self.url}/{relative}", universal, folder, universal["files"])
+        dist.barrier()
+        try:
+            yield folder
+        finally:
+            dist.barrier()
+            if self.local_rank == 0:
+                shutil.rmtree(os.path.dirname(folder), ignore_errors=True)
+
+    def _verify(self, tag: str, marker: dict, folder: str) -> None:
+        verify_files(f"{self.url}/{tag}", marker, folder, [n for n in marker["files"] if self._needed(n)])
 
     def _needed(self, name: str) -> bool:
         """This rank's own files, plus rank 0's non-partitioned ones (mp_rank_*)."""
@@ -145,8 +307,48 @@ class Checkpoints:
             or name == f"trainer_state_rank{self.rank}.pt"
         )
 
+    def _own(self, name: str) -> bool:
+        """The files this rank wrote: its ZeRO partitions and trainer state, and on rank 0 the
+        non-partitioned mp_rank_* file."""
+        return (
+            f"zero_pp_rank_{self.rank}_" in name
+            or name == f"trainer_state_rank{self.rank}.pt"
+            or (self.rank == 0 and name.startswith("mp_rank_"))
+        )
 
-def _fsync_files(folder: str) -> None:
+
+class CheckpointTampered(RuntimeError):
+    """A checkpoint file does not match the checksum its marker recorded."""
+
+
+def verify_files(url: str, marker: dict, folder: str, names: list[str]) -> None:
+    """Each of `names` in the local `folder` (a copy of checkpoint `url`) matches the marker's
+    sha256, checked before anything unpickles it."""
+    expected = marker.get("sha256")
+    if expected is None:
+        print(f"{url} was written without checksums; its files are not verified", flush=True)
+        return
+    for name in sorted(names):
+        if name not in expected:
+            raise CheckpointTampered(f"{url}/{name}: not in the marker's checksums; refusing to load it")
+        digest = file_sha256(os.path.join(folder, name))
+        if digest != expected[name]:
+            raise CheckpointTampered(
+                f"{url}/{name}: sha256 {digest[:16]}… differs from the marker's {expected[name][:16]}…; "
+                f"the file changed after the checkpoint was written: refusing to load it"
+            )
+
+
+def _fsync_files(folder: str, own) -> None:
+    """fsync the files of `folder` that `own(name)` says this rank wrote (on a shared
+    filesystem the others are other ranks' to sync, possibly still being written), and the
+    folder, so their names are durable too."""
     for name in os.listdir(folder):
-        with open(os.path.join(folder, name), "rb") as f:
-            os.fsync(f.fileno())
+        if own(name):
+            with open(os.path.join(folder, name), "rb") as f:
+                os.fsync(f.fileno())
+    descriptor = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)

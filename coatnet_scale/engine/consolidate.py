@@ -28,7 +28,7 @@ from contextlib import contextmanager
 import torch
 from fsspec.implementations.local import LocalFileSystem
 
-from coatnet_scale.engine.checkpoint import MARKER, Checkpoints
+from coatnet_scale.engine.checkpoint import MARKER, Checkpoints, verify_files
 from coatnet_scale.storage import url_to_fs
 
 
@@ -116,6 +116,7 @@ def consolidate(url: str, storage_options: dict | None = None, weights: str = "r
     else:
         other = [f"trainer_state_rank{r}.pt" for r in range(world)]
     with _local_copy(url, model_names + other, storage_options) as folder:
+        verify_files(url, marker, folder, model_names + other)
         model_states = [_load(os.path.join(folder, name)) for name in model_names]
         shapes = {name: shape for group in model_states[0]["param_shapes"] for name, shape in group.items()}
         state = _mean_buffers(model_states)

@@ -45,13 +45,11 @@ class FailureLog:
         self.fs, self.root = url_to_fs(self.url, storage_options)
         self.local = "://" not in run_url or run_url.startswith("file://")
 
-    def start(self, resumed_from: str | None, rank: int, world_size: int, node: str) -> tuple[Attempt, str | None]:
+    def start(self, resumed_from: str | None, rank: int, nodes: list[str]) -> tuple[Attempt, str | None]:
         """Collective. This group's attempt, and the reason to stop instead of training (or None).
-        Rank 0 alone reads the record and decides; every rank gets its decision."""
-        nodes = [node]
-        if world_size > 1:
-            nodes = [None] * world_size
-            dist.all_gather_object(nodes, node)
+        `nodes` names every rank's node. Rank 0 alone reads the record and decides; every rank
+        gets its decision."""
+        world_size = len(nodes)
         shape = f"{world_size} workers on {len(set(nodes))} node(s) {', '.join(n[:12] for n in sorted(set(nodes)))}"
         decision: list = [None, None]
         if rank == 0:

@@ -15,7 +15,12 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
             continue
         ndim = len(getattr(param, "ds_shape", param.shape))
         (no_decay if ndim <= 1 or "relative_position_bias_table" in name else decay).append(param)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return [{"params": params, "weight_decay": wd} for params, wd in zip((decay, no_decay), group_weight_decays(weight_decay))]
+
+
+def group_weight_decays(weight_decay: float) -> list[float]:
+    """Each parameter group's weight decay, in `param_groups`' order."""
+    return [weight_decay, 0.0]
 
 
 def lr_multiplier(step: int, warmup_steps: int, total_steps: int, schedule: str, min_ratio: float) -> float:

@@ -21,7 +21,7 @@ import json
 import socket
 import time
 import warnings
-from dataclasses import dataclass
+from dataclasses import astuple, dataclass
 
 import torch
 import torch.distributed as dist
@@ -29,12 +29,16 @@ import torch.nn.functional as F
 
 from coatnet_scale.config import Config
 from coatnet_scale.data import eval_loader, train_loader
+from coatnet_scale.data.plan import Phase
 from coatnet_scale.engine import collectives
 from coatnet_scale.engine.checkpoint import Checkpoints
 from coatnet_scale.engine.ema import ShardedEMA
 from coatnet_scale.engine.failures import FailureLog
-from coatnet_scale.engine.optim import lr_multiplier, param_groups
+from coatnet_scale.engine.placement import placement_problems
+from coatnet_scale.engine.optim import group_weight_decays, lr_multiplier, param_groups
 from coatnet_scale.engine.pretrained import load_initial_weights
+from coatnet_scale.batch import apply_batch_plan, batch_plan
+from coatnet_scale.engine.reshard import new_rank_seed
 from coatnet_scale.engine.zero import deepspeed_config
 from coatnet_scale.models import Checkpointing, create_model
 from coatnet_scale.models.coatnet import BatchNorm2d
@@ -62,9 +66,14 @@ def checkpoint_url(config: Config) -> str:
 
 def checkpoint_metadata(config: Config) -> dict:
     """What every checkpoint marker records besides its files: enough for consolidation,
-    evaluation and the hand-off to know the model, and for a fine-tune to know its origin."""
-    return {"model": config.model.model_dump(mode="json"), "ema": config.train.ema_decay > 0,
-            "init_checkpoint": config.finetune.init_checkpoint, "eval_crop_ratio": config.data.eval_crop_ratio}
+    evaluation and the hand-off to know the model, for a fine-tune to know its origin, and for
+    people to see the batch and learning rate the group ran with (an elastic group may differ
+    from the config)."""
+    t = config.train
+    return {"model": config.model.model_dump(mode="json"), "ema": t.ema_decay > 0,
+            "init_checkpoint": config.finetune.init_checkpoint, "eval_crop_ratio": config.data.eval_crop_ratio,
+            "batch": {"global": t.global_batch_size, "micro": t.micro_batch_size, "accumulation": t.grad_accum_steps,
+                      "lr": t.lr}}
 
 
 def soft_target_loss(logits: torch.Tensor, targets: torch.Tensor, kind: str) -> torch.Tensor:
@@ -74,14 +83,17 @@ def soft_target_loss(logits: torch.Tensor, targets: torch.Tensor, kind: str) -> 
     return torch.sum(-targets * F.log_softmax(logits, dim=-1), dim=-1).mean()
 
 
-def build_engine(config: Config, use_gpu: bool, initial_weights: bool = False):
+def build_engine(config: Config, use_gpu: bool, initial_weights: bool = False, load_universal: bool = False):
     """The DeepSpeed engine, its model built inside zero.Init so no process holds it whole, and
-    loaded from `finetune.init_checkpoint` when `initial_weights`."""
+    loaded from `finetune.init_checkpoint` when `initial_weights`; `load_universal` readies it to
+    load a checkpoint of another world size (DeepSpeed's universal format)."""
     import deepspeed
 
     # Ray Train has initialised torch.distributed already; DeepSpeed adopts that process group.
     deepspeed.init_distributed(dist_backend="nccl" if use_gpu else "gloo", verbose=False)
     ds_config = deepspeed_config(config, use_gpu)
+    if load_universal:
+        ds_config["checkpoint"] = {"load_universal": True}
     m = config.model
     torch.manual_seed(config.train.seed)  # the same initial weights whatever the world size
     with deepspeed.zero.Init(config_dict_or_path=ds_config, enabled=config.deepspeed.zero_stage == 3):
@@ -136,6 +148,16 @@ def _set_rng_state(state: dict) -> None:
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state(state["cuda"])
+
+
+def _restore_hyperparameters(engine, scheduler, config: Config, step: int) -> None:
+    """After a universal load: DeepSpeed copied param_groups[0]'s hyperparameters into every
+    group, so put back each group's weight decay, and the learning rate of this group's batch."""
+    t = config.train
+    multiplier = lr_multiplier(step, t.warmup_steps, t.total_steps, t.schedule, t.min_lr / t.lr)
+    scheduler.base_lrs = [t.lr] * len(scheduler.base_lrs)
+    for group, weight_decay in zip(engine.optimizer.param_groups, group_weight_decays(t.weight_decay)):
+        group.update(weight_decay=weight_decay, initial_lr=t.lr, lr=t.lr * multiplier)
 
 
 def evaluate(engine, loader, device) -> dict:
@@ -196,10 +218,14 @@ def train(config: Config, placement: Placement, report=None) -> dict:
         torch.set_num_threads(max(1, int(config.cluster.cpus_per_worker)))
     options = storage_options(config.storage)
     checkpoints = Checkpoints(checkpoint_url(config), options, config.checkpoint.keep, rank, world_size,
-                              metadata=checkpoint_metadata(config))
-    tag = checkpoints.latest()
+                              metadata=checkpoint_metadata(config), local_rank=placement.local_rank)
+    tag, marker = checkpoints.choose()
+    nodes = [placement.node]  # every rank's node, by rank
+    if world_size > 1:
+        nodes = [None] * world_size
+        dist.all_gather_object(nodes, placement.node)
     failures = FailureLog(run_url(config), options, placement.job) if placement.job else None
-    attempt, stop = failures.start(tag, rank, world_size, placement.node) if failures else (None, None)
+    attempt, stop = failures.start(tag, rank, nodes) if failures else (None, None)
     if stop is not None:
         if rank == 0:
             print(f"stopping: {stop}", flush=True)
@@ -209,7 +235,10 @@ def train(config: Config, placement: Placement, report=None) -> dict:
         return final
     progress = {"step": 0}  # where a failure happened, for its record
     try:
-        return _train(config, placement, device, checkpoints, tag, report, progress)
+        problems = placement_problems(config, nodes)  # what only the placed workers can see
+        if problems:
+            raise RuntimeError("; ".join(problems))
+        return _train(config, placement, device, checkpoints, tag, marker, report, progress)
     except Exception as error:
         if failures is not None:
             failures.record(attempt, rank, progress["step"], error)
@@ -217,21 +246,39 @@ def train(config: Config, placement: Placement, report=None) -> dict:
 
 
 def _train(config: Config, placement: Placement, device: torch.device, checkpoints: Checkpoints, tag: str | None,
-           report, progress: dict) -> dict:
+           marker: dict | None, report, progress: dict) -> dict:
     rank, world_size = placement.rank, placement.world_size
+    c = config.cluster
+    plan = batch_plan(config.train, world_size, c.num_workers, c.min_workers or c.num_workers)
+    t = config.train
+    if (plan.micro_batch_size, plan.grad_accum_steps, plan.global_batch_size) != (
+            t.micro_batch_size, t.grad_accum_steps, t.global_batch_size):  # an elastic group, or a resize
+        configured = t.global_batch_size
+        config = apply_batch_plan(config, plan)
+        checkpoints.metadata = checkpoint_metadata(config)
+        if rank == 0:
+            print(f"elastic: {plan.describe(configured)}", flush=True)
+    resized = marker is not None and marker["world_size"] != world_size
     engine, scheduler = build_engine(config, config.cluster.use_gpu,
-                                     initial_weights=tag is None and bool(config.finetune.init_checkpoint))
+                                     initial_weights=tag is None and bool(config.finetune.init_checkpoint),
+                                     load_universal=resized)
     local = sum(p.ds_tensor.numel() if hasattr(p, "ds_tensor") else p.numel() for p in engine.module.parameters())
     full = sum(getattr(p, "ds_numel", p.numel()) for p in engine.module.parameters())
     if rank == 0:
         print(f"ZeRO-{config.deepspeed.zero_stage}: rank 0 holds {local:,} of {full:,} parameters ({local / full:.1%})", flush=True)
     step, epoch, batch_in_epoch, state = 0, 0, 0, {}
     if tag is not None:
-        state = checkpoints.load(engine, tag)
+        state = checkpoints.load(engine, tag, marker)
         step, epoch, batch_in_epoch = state["step"], state["epoch"], state["batch_in_epoch"]
-        _set_rng_state(state["rng"])
+        if state["rng"] is not None:
+            _set_rng_state(state["rng"])
+        else:  # a rank the checkpoint had no state for
+            torch.manual_seed(new_rank_seed(config.train.seed, rank, step))
+        if resized:
+            _restore_hyperparameters(engine, scheduler, config, step)
         if rank == 0:
-            print(f"resumed from {checkpoints.url}/{tag}: step {step}, epoch {epoch}, batch {batch_in_epoch}", flush=True)
+            print(f"resumed from {checkpoints.url}/{tag}: step {step}, epoch {epoch}, batch {batch_in_epoch}"
+                  + (f", written by {marker['world_size']} workers, now {world_size}" if resized else ""), flush=True)
     else:
         torch.manual_seed(config.train.seed * 1000 + rank + 1)  # stochastic depth differs per rank
     progress["step"] = step
@@ -244,9 +291,15 @@ def _train(config: Config, placement: Placement, device: torch.device, checkpoin
     last_step = min(t.total_steps, t.stop_at_step or t.total_steps)
     loader = train_loader(config, rank, world_size)
     validation = eval_loader(config, rank, world_size) if config.data.val_manifest else None
-    if batch_in_epoch >= loader.batches_per_epoch:  # checkpointed at an epoch's end: skip reading it
-        epoch, batch_in_epoch = epoch + 1, 0
-    batches = iter(loader.epoch(epoch, batch_in_epoch))
+    # The data group: who reads this epoch's samples. A group of another shape continues the
+    # epoch with the samples the earlier groups (phases) left, each still read once.
+    group = [world_size, config.data.num_workers, t.micro_batch_size]
+    phases = tuple(Phase(*p) for p in state.get("phases", ()))
+    if "data_group" in state and state["data_group"] != group:
+        phases, batch_in_epoch = (*phases, Phase(*state["data_group"], batch_in_epoch)), 0
+    if batch_in_epoch >= loader.batches_in(epoch, phases):  # checkpointed at an epoch's end: skip reading it
+        epoch, batch_in_epoch, phases = epoch + 1, 0, ()
+    batches = iter(loader.epoch(epoch, batch_in_epoch, phases))
     monitor = _monitor(config, rank, world_size, device, step, epoch)
     images_per_step = t.micro_batch_size * t.grad_accum_steps * world_size
     last_metrics: dict = {}
@@ -258,7 +311,7 @@ def _train(config: Config, placement: Placement, device: torch.device, checkpoin
             wait_start = time.monotonic()
             batch = next(batches, None)
             if batch is None:  # the epoch is over: every rank reaches this at the same step
-                epoch, batch_in_epoch = epoch + 1, 0
+                epoch, batch_in_epoch, phases = epoch + 1, 0, ()
                 batches = iter(loader.epoch(epoch))
                 batch = next(batches)
             window_wait += time.monotonic() - wait_start
@@ -277,7 +330,7 @@ def _train(config: Config, placement: Placement, device: torch.device, checkpoin
             stats = collectives.sum_over_ranks([step_loss, corrupt], device)
             elapsed = time.monotonic() - window_start
             last_metrics = {
-                "step": step, "loss": stats[0].item() / world_size, "lr": scheduler.get_last_lr()[0],
+                "step": step, "epoch": epoch, "loss": stats[0].item() / world_size, "lr": scheduler.get_last_lr()[0],
                 "images_per_second": images_per_step * window_steps / elapsed,
                 "step_seconds": elapsed / window_steps, "data_wait_fraction": window_wait / elapsed,
                 "corrupt_samples": int(stats[1].item()),
@@ -300,7 +353,8 @@ def _train(config: Config, placement: Placement, device: torch.device, checkpoin
             if rank == 0:
                 print(f"eval step {step}: {describe(result)}", flush=True)
         if step % config.checkpoint.every_steps == 0 or (step == last_step and config.checkpoint.at_end):
-            trainer_state = {"step": step, "epoch": epoch, "batch_in_epoch": batch_in_epoch, "rng": _rng_state()}
+            trainer_state = {"step": step, "epoch": epoch, "batch_in_epoch": batch_in_epoch, "rng": _rng_state(),
+                             "phases": [list(astuple(p)) for p in phases], "data_group": group}
             if ema is not None:
                 trainer_state["ema"] = ema.state_dict()
             seconds = checkpoints.save(engine, step, trainer_state)

@@ -1,4 +1,4 @@
-"""The DeepSpeed config generated from ours: ZeRO stage, buckets, offload, precision, batch."""
+"""The DeepSpeed config generated from ours: ZeRO stage, buckets, hpZ, offload, precision, batch."""
 from __future__ import annotations
 
 
@@ -12,6 +12,11 @@ def deepspeed_config(config, use_gpu: bool) -> dict:
         "stage3_prefetch_bucket_size": ds.stage3_prefetch_bucket_size,
         "stage3_param_persistence_threshold": ds.stage3_param_persistence_threshold,
         "stage3_max_live_parameters": ds.stage3_max_live_parameters,
+        "stage3_max_reuse_distance": ds.stage3_max_reuse_distance,
+        # ZeRO++ hpZ: DeepSpeed groups ranks [0, n), [n, 2n), ...; Ray Train numbers ranks node
+        # by node, so with n dividing each node's worker count a group is one node
+        # (coatnet_scale.engine.placement checks it on the real placement).
+        "zero_hpz_partition_size": ds.zero_hpz_partition_size,
         # Gathering a 16-bit copy of the whole model at save time would defeat ZeRO-3; the
         # export path consolidates shards offline instead.
         "stage3_gather_16bit_weights_on_model_save": False,

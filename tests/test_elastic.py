@@ -1,0 +1,141 @@
+"""Resuming at another world size (docs/elastic.md): DeepSpeed ZeRO-3 on CPU processes, through
+the training loop's plain torch.distributed launcher (`--without-ray`, torchrun for two), then
+on a Ray cluster of two nodes that loses one. The data side (each sample of a resized epoch
+read once) is test_data.py's; the batch arithmetic is checked here."""
+import glob
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from coatnet_scale.batch import ElasticBatchError, batch_plan
+from coatnet_scale.config import TrainConfig
+
+REPO = Path(__file__).resolve().parent.parent
+TINY = REPO / "configs" / "tiny.yaml"
+TORCHRUN = str(Path(sys.executable).parent / "torchrun")
+
+
+def test_batch_kept_exactly_or_nearest_within_tolerance():
+    train = TrainConfig(global_batch_size=4096, micro_batch_size=16, grad_accum_steps=1)
+    full = batch_plan(train, 256, 256)
+    assert (full.micro_batch_size, full.grad_accum_steps, full.lr_scale) == (16, 1, 1.0)
+    half = batch_plan(train, 128, 256)
+    assert (half.micro_batch_size, half.grad_accum_steps, half.global_batch_size) == (16, 2, 4096)
+    with pytest.raises(ElasticBatchError, match="cannot be made by 255 workers .* worker counts that make it: 256, 128"):
+        batch_plan(train, 255, 256)
+    near = batch_plan(TrainConfig(global_batch_size=4096, micro_batch_size=16, elastic_batch_tolerance=0.01), 255, 256)
+    assert near.global_batch_size == 4080 and near.lr_scale == pytest.approx(4080 / 4096)
+
+
+def pretrain(storage: Path, workers: int, *overrides: str, timeout: int = 600) -> str:
+    launcher = [TORCHRUN, f"--nproc-per-node={workers}"] if workers > 1 else [sys.executable]
+    command = [*launcher, "-m", "coatnet_scale.pretrain", "--config", str(TINY), "--without-ray",
+               *(f"--set={o}" for o in (f"storage.url={storage}", f"cluster.num_workers={workers}", "train.total_steps=30",
+                                        "train.log_every=1", "checkpoint.every_steps=10", "checkpoint.keep=5", "train.ema_decay=0.9",
+                                        "data.val_manifest=null", "monitoring.enabled=false", *overrides))]
+    result = subprocess.run(command, capture_output=True, text=True, cwd=REPO, timeout=timeout)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return result.stdout + result.stderr
+
+
+def history(run: Path) -> list[dict]:
+    return json.loads(sorted(run.glob("metrics-step*.json"))[-1].read_text())["history"]
+
+
+def weight_decays(checkpoint: Path) -> list[list[float]]:
+    from coatnet_scale.engine.consolidate import _load
+
+    return [[g["weight_decay"] for g in _load(f)["optimizer_state_dict"]["optimizer_state_dict"]["param_groups"]]
+            for f in sorted(glob.glob(f"{checkpoint}/*optim_states.pt"))]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("before, after, new_epoch_at", [
+    # 1438 digits, global batch 64. 2 ranks x 32 read 10 batches each (640 samples); the other
+    # 798 go to 1 rank at micro-batch 32 x 2 accumulation: 25 batches, so epoch 1 starts at step
+    # 10 + 13 = 23. Resuming at batch 10 of a fresh 1-rank plan instead would give step 28.
+    (2, 1, 23),
+    # 1 rank read 20 batches of 32 (640); 798 left for 2 ranks: 13 batches each, epoch 1 at step 24.
+    (1, 2, 24),
+])
+def test_resume_on_another_number_of_workers(demo_corpus, tmp_path, before, after, new_epoch_at):
+    run = tmp_path / "tiny"
+    first = pretrain(tmp_path, before, "train.stop_at_step=10")
+    assert "checkpoint step 10 saved" in first
+    # An unmarked conversion (a converter that died) is never used: converted again.
+    leftover = run / "checkpoints" / "universal" / "step_000000010"
+    leftover.mkdir(parents=True)
+    (leftover / "mp_rank_00_model_states.pt").write_bytes(b"not a checkpoint")
+    second = pretrain(tmp_path, after)
+    assert f"written by {before} workers, now {after}" in second
+    assert "converting" in second and (leftover / "COMPLETE.json").exists()
+    marker = json.loads((leftover / "COMPLETE.json").read_text())
+    assert marker["source_world_size"] == before and set(marker["sha256"]) == set(marker["files"])
+
+    steps = history(run)
+    assert steps[0]["step"] == 11 and steps[-1]["step"] == 30
+    assert min(h["step"] for h in steps if h["epoch"] == 1) == new_epoch_at
+    # Training goes on from where it was: no jump to chance (ln 10 = 2.30) after the resize.
+    resumed_at = json.loads((run / "metrics-step000000010.json").read_text())["history"]
+    last_before = resumed_at[-1]["loss"]
+    assert max(h["loss"] for h in steps[:3]) < min(2.2, last_before + 0.5)
+    assert steps[-1]["loss"] < resumed_at[0]["loss"]
+    # DeepSpeed's universal loader copies group 0's hyperparameters into every group: the
+    # no-weight-decay group (norms, biases, relative tables) is put back.
+    final = run / "checkpoints" / "step_000000030"
+    assert weight_decays(final) == [[0.05, 0.0]] * after
+    written = json.loads((final / "COMPLETE.json").read_text())
+    assert written["world_size"] == after and written["batch"]["global"] == 64
+    # The EMA was resharded with the rest: it consolidates at the new size.
+    from coatnet_scale.engine.consolidate import consolidate
+
+    ema, _ = consolidate(str(run), weights="ema")
+    assert ema["head.weight"].shape == (10, 256)
+
+
+@pytest.mark.slow
+def test_a_lost_node_shrinks_the_group_and_training_goes_on(two_node_cluster, demo_corpus, s3_bucket):
+    """Two nodes, one worker each (2 CPUs per worker, 2 per node), elastic down to one. The
+    second node's raylet is killed after the step-20 checkpoint: Ray restarts the group with the
+    one worker that fits, which resumes the 2-worker checkpoint and finishes in the accuracy
+    band of an uninterrupted run."""
+    import s3fs
+
+    cluster = two_node_cluster
+    fs = s3fs.S3FileSystem(endpoint_url=os.environ["AWS_ENDPOINT_URL"], skip_instance_cache=True)
+    run = f"{s3_bucket}/runs/lost"
+    overrides = [f"storage.url=s3://{s3_bucket}/runs", "run_name=lost", "cluster.num_workers=2", "cluster.min_workers=1",
+                 "cluster.cpus_per_worker=2", "train.total_steps=80", "checkpoint.every_steps=20",
+                 f"data.train_manifest={demo_corpus}/train/manifest.json",
+                 f"data.val_manifest={demo_corpus}/val/manifest.json"]
+    job = cluster.client.submit_job(
+        entrypoint=" ".join([sys.executable, "-m", "coatnet_scale.pretrain", "--config", str(TINY),
+                             *(f"--set={o}" for o in overrides)]),
+    )
+    deadline = time.monotonic() + 900
+    while not fs.exists(f"{run}/checkpoints/step_000000020/COMPLETE.json"):
+        assert not cluster.client.get_job_status(job).is_terminal() and time.monotonic() < deadline, \
+            cluster.client.get_job_logs(job)[-4000:]
+        time.sleep(1)
+    second_node = cluster.temp_dirs[1]
+    raylet = subprocess.run(["pgrep", "-f", f"raylet.*{second_node}"], capture_output=True, text=True).stdout.split()
+    assert raylet, "the second node's raylet was not found"
+    for pid in raylet:
+        os.kill(int(pid), signal.SIGKILL)
+    while not cluster.client.get_job_status(job).is_terminal():
+        assert time.monotonic() < deadline
+        time.sleep(2)
+    logs = cluster.client.get_job_logs(job)
+    assert str(cluster.client.get_job_status(job)) == "SUCCEEDED", logs[-4000:]
+    assert re.search(r"resumed from \S+/step_0000000(20|40): step (20|40), .*written by 2 workers, now 1", logs), logs[-4000:]
+    final = json.loads(fs.cat_file(sorted(fs.glob(f"{run}/metrics-step*.json"))[-1]))["final"]
+    assert final["step"] == 80
+    # Ten classes (chance 10%); an uninterrupted run of these 80 steps scores 90%.
+    assert final["val_top1"] > 0.85

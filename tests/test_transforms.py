@@ -1,0 +1,152 @@
+"""The loader's per-sample path against the libraries it replaces. The sample transform against
+torchvision's transforms.v2 composed as usual (`reference_sample_transform`): the same random
+draws, so the same crops, flips and RandAugment operations; outputs equal except for the crop's
+resize, torch's uint8 kernel against PIL's, which may differ by one level in a pixel; the batch
+normalisation bit for bit. The plain tar reader against tarfile."""
+import io
+import tarfile
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image, ImageFilter
+from torch.utils.data import DataLoader, IterableDataset
+from torchvision.transforms import v2
+
+from coatnet_scale.data.transforms import (
+    IMAGENET_MEAN, IMAGENET_STD, TransformSpec, _RandAugment, _smooth, make_sample_transform, normalize,
+    reference_sample_transform,
+)
+from corpus import photo
+from dataprep.samples import iter_samples
+
+
+def images(count, seed=0, sizes=((160, 120), (90, 130), (48, 40))):
+    """Photo-like RGB images with sensor noise, of sizes above and below the crop size, so
+    that crops are both shrunk and enlarged."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for i in range(count):
+        width, height = sizes[i % len(sizes)]
+        noisy = photo(rng, width, height) + rng.normal(0, 12, (height, width, 3))
+        out.append(Image.fromarray(np.clip(noisy, 0, 255).astype(np.uint8)))
+    return out
+
+
+def both(spec, image, seed):
+    """(reference output, fast output), each from the same torch seed, and whether the two
+    left torch's generator in the same state, i.e. drew the same random numbers."""
+    outputs, states = [], []
+    for transform in (reference_sample_transform(spec), make_sample_transform(spec)):
+        torch.manual_seed(seed)
+        outputs.append(transform(image).to(torch.int16))
+        states.append(torch.get_rng_state())
+    return *outputs, torch.equal(*states)
+
+
+def test_crop_flip_and_resize_differ_only_by_resampling_noise():
+    spec = TransformSpec(image_size=64, randaugment_ops=0)
+    differing = total = 0
+    for seed, image in enumerate(images(60)):
+        ref, fast, same_draws = both(spec, image, seed)
+        assert same_draws and ref.shape == fast.shape == (3, 64, 64)
+        assert (ref - fast).abs().max() <= 1, f"image {seed}"
+        differing, total = differing + int((ref != fast).sum()), total + ref.numel()
+    assert differing < 0.05 * total
+
+
+def test_randaugment_is_torchvisions_bit_for_bit():
+    ours, theirs = _RandAugment(2, 9, 64), v2.RandAugment(2, 9)
+    for name, (magnitudes, signed) in theirs._AUGMENTATION_SPACE.items():  # every operation, both signs
+        values = magnitudes(theirs.num_magnitude_bins, 64, 64)
+        magnitude = 0.0 if values is None else float(values[theirs.magnitude])
+        for m in {magnitude, -magnitude if signed else magnitude}:
+            image = images(1, seed=len(name), sizes=((64, 64),))[0]
+            expect = theirs._apply_image_or_video_transform(image, name, m, theirs.interpolation, theirs._fill)
+            got = ours._apply_image_or_video_transform(image, name, m, ours.interpolation, ours._fill)
+            assert np.array_equal(np.asarray(got), np.asarray(expect)), (name, m)
+    for seed, image in enumerate(images(40, sizes=((64, 64),))):  # the draws: which operations, which signs
+        torch.manual_seed(seed)
+        expect = theirs(image)
+        torch.manual_seed(seed)
+        assert np.array_equal(np.asarray(ours(image)), np.asarray(expect)), seed
+
+
+@pytest.mark.parametrize("size", [(3, 3), (4, 9), (37, 23)])
+def test_smooth_is_pils_filter(size):
+    image = images(1, sizes=(size,))[0]
+    assert np.array_equal(np.asarray(_smooth(image)), np.asarray(image.filter(ImageFilter.SMOOTH)))
+
+
+def test_whole_train_transform_draws_as_torchvision():
+    spec = TransformSpec(image_size=64)
+    mean_differences = []
+    for seed, image in enumerate(images(30)):
+        ref, fast, same_draws = both(spec, image, seed)
+        assert same_draws, f"image {seed}"
+        mean_differences.append(float((ref - fast).abs().float().mean()))
+    # After RandAugment a one-level resampling difference can cross Solarize's threshold or
+    # move an Equalize bin, but on average the images agree to a small fraction of a level.
+    assert np.mean(mean_differences) < 0.3, mean_differences
+
+
+def test_eval_transform_is_the_reference():
+    spec = TransformSpec(image_size=64, train=False)
+    for image in images(3):
+        assert torch.equal(make_sample_transform(spec)(image), reference_sample_transform(spec)(image))
+
+
+class _Batches(IterableDataset):
+    def __iter__(self):
+        yield normalize([torch.zeros(3, 4, 4, dtype=torch.uint8)], shared=True)
+
+
+def test_normalize_is_torchvisions_per_image_arithmetic():
+    per_image = v2.Compose([v2.ToDtype(torch.float32, scale=True), v2.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
+    batch = torch.randint(0, 256, (5, 20, 30, 3), dtype=torch.uint8).permute(0, 3, 1, 2)  # channels-last, as PIL's
+    expect = torch.stack([per_image(image) for image in batch])
+    assert torch.equal(normalize(batch), expect) and torch.equal(normalize(list(batch)), expect)
+    assert normalize(batch).is_contiguous()
+    # Yielded from a DataLoader worker, a shared batch is already in shared memory (no copy).
+    (from_worker,) = DataLoader(_Batches(), batch_size=None, num_workers=1, multiprocessing_context="fork")
+    assert from_worker.is_shared() and not normalize(batch, shared=True).is_shared()
+
+
+def tar_of_every_kind(format_) -> bytes:
+    """Members as shard writers make them: long and prefixed names (GNU long-name or pax
+    headers), non-ASCII names, directories, links, a __meta__ file, an empty member."""
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w", format=format_) as tar:
+        def add(name, data=b"", kind=tarfile.REGTYPE, **fields):
+            info = tarfile.TarInfo(name)
+            info.size, info.type = len(data), kind
+            for field, value in fields.items():
+                setattr(info, field, value)
+            tar.addfile(info, io.BytesIO(data))
+
+        add("__meta__.json", b"{}")
+        add("shard", kind=tarfile.DIRTYPE)
+        for i in range(3):
+            add(f"shard/{i:03d}.jpg", bytes(range(40 * i)) * 7)
+            add(f"shard/{i:03d}.cls", str(i).encode())
+            add(f"shard/{i:03d}.json", b'{"label": 1}')
+        add("y" * 90 + "/" + "z" * 60 + ".jpg", b"prefixed")
+        if format_ != tarfile.USTAR_FORMAT:
+            add("long/" + "x" * 150 + ".jpg", b"long")
+            add("long/näme.jpg", b"unicode")
+        add("link.jpg", kind=tarfile.SYMTYPE, linkname="shard/000.jpg")
+        add("empty.jpg")
+        add("empty.cls", b"1")
+    return buffer.getvalue()
+
+
+@pytest.mark.parametrize("format_", [tarfile.USTAR_FORMAT, tarfile.GNU_FORMAT, tarfile.PAX_FORMAT])
+def test_plain_tar_reader_is_tarfiles(format_):
+    data = tar_of_every_kind(format_)
+    for wanted in (lambda ext: True, lambda ext: ext == "jpg"):
+        expect = list(iter_samples(io.BytesIO(data), wanted, base=7))  # tarfile
+        assert list(iter_samples(io.BytesIO(data), wanted, base=7, mode="r|")) == expect
+    end = expect[-1]["__end__"] - 7  # a ranged read stops at a sample's end, before the end-of-archive blocks
+    assert list(iter_samples(io.BytesIO(data[:end]), wanted, mode="r|")) == list(iter_samples(io.BytesIO(data), wanted))
+    with pytest.raises(tarfile.ReadError, match="unexpected end of data"):
+        list(iter_samples(io.BytesIO(data[:end - 100]), mode="r|"))
