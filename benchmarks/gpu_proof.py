@@ -4,7 +4,9 @@
     python benchmarks/gpu_proof.py --smoke --out smoke.json     # the same code, tiny, on the CPU
 
 On a GPU host that has PyTorch but not DeepSpeed (no Ray needed): build the wheels here with
-`bash ../shared/device/wheels.sh`, carry `.whl`, and there run
+`bash ../shared/device/wheels.sh`, add the two DeepSpeed imports that script leaves out
+(`.venv/bin/pip download --no-deps --only-binary=:all: --python-version 3.12 --platform
+manylinux2014_x86_64 -d .whl einops msgpack`), carry `.whl`, and there run
     python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl
     PYTHONPATH=/tmp/site:$PWD python3 benchmarks/gpu_proof.py --out $OUT/proof.json
 
@@ -67,18 +69,20 @@ class Sizes:
         self.log_every = 1 if smoke else 5
         self.baseline_steps = 3 if smoke else 10
         self.largest_steps = 2 if smoke else 3
-        self.loader_workers = 1 if smoke else 8
+        # Each loader slot (1,438 demo images / workers) must hold a few full micro-batches; the
+        # largest part keeps them all in one slot, as its micro-batch may pass 300.
+        self.loader_workers = 1 if smoke else 4
 
 
 def proof_config(sizes: Sizes, model: str, micro_batch: int, storage: str, corpus: str, run_name: str,
-                 stages: list[int], steps: int, checkpoint_every: int):
+                 stages: list[int], steps: int, checkpoint_every: int, loader_workers: int | None = None):
     from coatnet_scale.config import load_config
 
     return load_config(None, [
         f"run_name={run_name}", f"model.name={model}", f"model.image_size={sizes.image_size}", "model.num_classes=10",
         "model.checkpointing.every=1", f"model.checkpointing.stages={stages}",
         f"data.train_manifest={corpus}/train/manifest.json", "data.val_manifest=null",
-        f"data.num_workers={sizes.loader_workers}", f"train.micro_batch_size={micro_batch}",
+        f"data.num_workers={loader_workers or sizes.loader_workers}", f"train.micro_batch_size={micro_batch}",
         f"train.global_batch_size={micro_batch}", f"train.total_steps={steps}", "train.warmup_steps=2",
         f"train.log_every={sizes.log_every}", "cluster.num_workers=1", f"cluster.use_gpu={not sizes.smoke}",
         f"cluster.cpus_per_worker={2 if sizes.smoke else 16}", "deepspeed.zero_stage=3", "deepspeed.bf16=true",
@@ -127,13 +131,17 @@ def run_engine(config) -> tuple[dict, list[dict]]:
     return final, history
 
 
-def release_memory() -> None:
+def release_memory() -> int:
+    """Frees what earlier parts left and restarts the peak; returns the bytes still allocated
+    (reported: a leftover would inflate the next part's peak)."""
     import torch
 
     gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats()
+    if not torch.cuda.is_available():
+        return 0
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats()
+    return torch.cuda.memory_allocated()
 
 
 def part_engine(sizes: Sizes, device, work: Path, corpus: str, peak_flops: float | None, memory: int | None) -> dict:
@@ -144,7 +152,7 @@ def part_engine(sizes: Sizes, device, work: Path, corpus: str, peak_flops: float
     stages = [2, 3, 4]
     config = proof_config(sizes, sizes.model, sizes.micro_batch, str(work / "runs"), corpus, "engine", stages,
                           sizes.steps, sizes.steps - 1)
-    release_memory()
+    leftover = release_memory()
     final, history = run_engine(config)
     # Throughput from whole windows after the first (warm-up) and before the checkpoint's.
     windows = [h for h in history if sizes.log_every < h["step"] < sizes.steps - 1 + sizes.log_every
@@ -156,7 +164,7 @@ def part_engine(sizes: Sizes, device, work: Path, corpus: str, peak_flops: float
         "data_wait_fraction": statistics.median(h["data_wait_fraction"] for h in windows),
         "forward_flops_per_image": forward, "recomputed_flops_per_image": recomputed,
         "checkpoint_save_seconds": next(h["checkpoint_seconds"] for h in history if "checkpoint_seconds" in h),
-        "loss_at_last_step": history[-1]["loss"],
+        "loss_at_last_step": history[-1]["loss"], "allocated_before": leftover,
     }
     if peak_flops:
         result["mfu"] = 3 * forward * images_per_second / peak_flops
@@ -249,7 +257,8 @@ def profile(step, device) -> list[dict]:
     import torch
     from torch.profiler import ProfilerActivity
 
-    activities = [ProfilerActivity.CUDA] if device.type == "cuda" else [ProfilerActivity.CPU]
+    # With the CPU activity too, rows are operators (aten::…) with their device time, not kernels.
+    activities = [ProfilerActivity.CPU, ProfilerActivity.CUDA] if device.type == "cuda" else [ProfilerActivity.CPU]
     with torch.profiler.profile(activities=activities) as prof:
         for _ in range(2):
             step()
@@ -276,15 +285,17 @@ def part_largest(sizes: Sizes, work: Path, corpus: str, memory: int | None) -> d
     plan = planner(probe, budget)
     micro = max(1, plan["largest_micro_batch"])
     config = proof_config(sizes, sizes.largest_model, micro, str(work / "runs"), corpus, "largest", [1, 2, 3, 4],
-                          sizes.largest_steps, 10**9)
+                          sizes.largest_steps, 10**9, loader_workers=1)
     result = {"model": sizes.largest_model, "micro_batch": micro, **planner(config, budget)}
-    release_memory()
+    result["allocated_before"] = release_memory()
     try:
         final, history = run_engine(config)
-    except torch.cuda.OutOfMemoryError as e:  # the planner said it fits: a finding, not a crash
+    except (torch.cuda.OutOfMemoryError, RuntimeError) as e:  # the planner said it fits: a finding, not a crash
+        if "out of memory" not in str(e).lower():
+            raise
         result["out_of_memory"] = str(e).splitlines()[0]
         return result
-    result["images_per_second"] = history[-1]["images_per_second"]
+    result["images_per_second"] = history[-1]["images_per_second"]  # the last step's window: past warm-up
     if memory:
         result["peak_allocated_bytes"] = max(h.get("max_memory_allocated", 0) for h in history)
         result["measured_over_predicted"] = result["peak_allocated_bytes"] / result["predicted_bytes"]
@@ -302,7 +313,8 @@ def table(report: dict) -> str:
                  ("hardware FLOP utilisation (with recompute)", f"{e['hardware_flops_utilisation']:.1%}")]
     if "peak_allocated_bytes" in e:
         rows.append(("peak allocated vs planner", f"{e['peak_allocated_bytes'] / GiB:.2f} / {e['predicted_bytes'] / GiB:.2f} "
-                                                  f"GiB = {e['measured_over_predicted']:.3f}"))
+                                                  f"GiB = {e['measured_over_predicted']:.3f} (held before: "
+                                                  f"{e['allocated_before'] / GiB:.2f} GiB)"))
     rows.append(("plain PyTorch images/s", f"{b['plain_images_per_second']:.1f} (engine / plain "
                                            f"{e['images_per_second'] / b['plain_images_per_second']:.3f})"))
     if "timm_images_per_second" in b:
@@ -317,7 +329,8 @@ def table(report: dict) -> str:
         rows.append((largest, f"OUT OF MEMORY: {big['out_of_memory']}"))
     elif "peak_allocated_bytes" in big:
         rows.append((largest, f"{big['images_per_second']:.1f} images/s; peak {big['peak_allocated_bytes'] / GiB:.2f} / "
-                              f"planner {big['predicted_bytes'] / GiB:.2f} GiB = {big['measured_over_predicted']:.3f}"))
+                              f"planner {big['predicted_bytes'] / GiB:.2f} GiB = {big['measured_over_predicted']:.3f} "
+                              f"(held before: {big['allocated_before'] / GiB:.2f} GiB)"))
     else:
         rows.append((largest, f"{big['images_per_second']:.1f} images/s"))
     rows += [(f"  profile: {p['operator'][:48]}", f"{p['share']:.1%}") for p in b["profile"][:6]]
@@ -338,6 +351,11 @@ def main(argv: list[str] | None = None) -> int:
             sys.modules[name] = None
     os.environ["DS_ACCELERATOR"] = "cpu" if args.smoke else "cuda"
     import torch
+
+    try:  # first: a missing dependency of DeepSpeed is the likeliest failure on a bare GPU host
+        import deepspeed  # noqa: F401
+    except ImportError as e:
+        raise SystemExit(f"gpu_proof: cannot import deepspeed ({e}); install the wheels named in this script's docstring")
 
     from coatnet_scale.data.demo import build_demo_corpus
     from coatnet_scale.standalone import init_process_group
@@ -367,6 +385,7 @@ def main(argv: list[str] | None = None) -> int:
             report[part] = run()
             print(f"gpu_proof: {part} done in {time.monotonic() - start:.0f}s", flush=True)
             Path(args.out).write_text(json.dumps(report, indent=1))  # what is done survives a later failure
+    torch.distributed.destroy_process_group()
     report["seconds"] = time.monotonic() - started
     Path(args.out).write_text(json.dumps(report, indent=1))
     print(table(report))

@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
+from coatnet_scale.batch import batch_plan
 from coatnet_scale.config import add_config_arguments, config_from_arguments
 from coatnet_scale.models import Checkpointing, count_flops, count_parameters, create_model
 
@@ -371,10 +372,8 @@ def network(config, gpus: int, gpus_per_node: int, intra_gbps: float, inter_gbps
     hpz = ds.zero_hpz_partition_size
     if gpus % hpz or (gpus_per_node % hpz and gpus > gpus_per_node):
         raise ValueError(f"deepspeed.zero_hpz_partition_size={hpz} must divide --gpus {gpus} and --gpus-per-node {gpus_per_node}")
-    per_gpu, rest = divmod(t.global_batch_size, gpus)
-    if rest or not per_gpu:
-        raise ValueError(f"train.global_batch_size={t.global_batch_size} does not split over {gpus} GPUs")
-    micro = math.gcd(per_gpu, t.micro_batch_size)
+    batch = batch_plan(t, gpus, gpus)  # as the worker group runs it (coatnet_scale/batch.py)
+    per_gpu, micro = batch.global_batch_size // gpus, batch.micro_batch_size
     element_bytes = 2 if (config.cluster.use_gpu if ds.bf16 is None else ds.bf16) else 4
     if profile is None:
         profile = gather_profile(m.name, m.image_size, m.num_classes,

@@ -35,6 +35,7 @@ def check_inputs(config: Config) -> None:
     """Data manifests readable and storage writable, before any worker starts."""
     from coatnet_scale.data import load_manifest
 
+    warn_elastic_sizes(config)
     options = storage_options(config.storage)
     demo_manifest = absolute(f"{DEMO_DIR}/train/manifest.json")
     if config.data.train_manifest == demo_manifest and not os.path.exists(demo_manifest):
@@ -109,18 +110,20 @@ def workers_that_fit(nodes: list[dict], worker: dict) -> int:
 
 
 def check_capacity(config: Config, nodes: list[dict], autoscaling: bool) -> None:
-    """Fail when the cluster can never hold the worker group: its nodes now, or for an
-    autoscaling cluster, the maximum the config states (cluster.max_resources)."""
+    """Fail when the cluster can never hold the worker group (an elastic one at its smallest):
+    its nodes now, or for an autoscaling cluster, the maximum the config states
+    (cluster.max_resources)."""
     c, worker = config.cluster, worker_resources(config)
+    needed = fewest_workers(config)
     have = {kind: sum(node.get(kind, 0) for node in nodes) for kind in worker}
     limit = {kind: c.max_resources[kind] for kind in worker if kind in c.max_resources} if autoscaling else have
     for kind, amount in worker.items():
-        if kind in limit and amount * c.num_workers > limit[kind]:
+        if kind in limit and amount * needed > limit[kind]:
             where = "the cluster can grow to (cluster.max_resources)" if autoscaling else "the Ray cluster has"
-            raise PreflightError(f"cluster: {c.num_workers} workers need {amount * c.num_workers:g} {kind} in all, "
+            raise PreflightError(f"cluster: {needed} workers need {amount * needed:g} {kind} in all, "
                                  f"{where} {limit[kind]:g}")
-    if not autoscaling and workers_that_fit(nodes, worker) < c.num_workers:
-        raise PreflightError(f"cluster: its nodes hold {workers_that_fit(nodes, worker)} of the {c.num_workers} workers "
+    if not autoscaling and workers_that_fit(nodes, worker) < needed:
+        raise PreflightError(f"cluster: its nodes hold {workers_that_fit(nodes, worker)} of the {needed} workers "
                              f"({', '.join(f'{v:g} {k}' for k, v in worker.items())} each, on one node)")
 
 
@@ -135,13 +138,14 @@ def wait_for_capacity(config: Config, autoscaling: bool, poll_s: float = 2.0) ->
     from ray.autoscaler.sdk import request_resources
 
     c, worker = config.cluster, worker_resources(config)
+    needed = fewest_workers(config)
 
     def alive() -> list[dict]:
         return [node["Resources"] for node in ray.nodes() if node["Alive"]]
 
     nodes = alive()
     check_capacity(config, nodes, autoscaling)
-    if not autoscaling or workers_that_fit(nodes, worker) >= c.num_workers:
+    if not autoscaling or workers_that_fit(nodes, worker) >= needed:
         return nodes
     # Ray Train's own request would come only with its placement group; asking now starts the
     # nodes while the rest of preflight waits. The request is withdrawn once answered.
@@ -186,6 +190,30 @@ def check_storage_reach(config: Config, nodes: list[dict], autoscaling: bool) ->
 def elastic(config: Config) -> bool:
     c = config.cluster
     return c.min_workers is not None and c.min_workers < c.num_workers
+
+
+def warn_elastic_sizes(config: Config) -> None:
+    """An elastic group may shrink to sizes that cannot make the global batch: say which, once."""
+    from coatnet_scale.batch import ElasticBatchError, batch_plan
+
+    if not elastic(config):
+        return
+    c, bad = config.cluster, []
+    for size in range(c.min_workers, c.num_workers + 1):
+        try:
+            batch_plan(config.train, size, c.num_workers, c.min_workers)
+        except ElasticBatchError:
+            bad.append(size)
+    if bad:
+        shown = ", ".join(map(str, bad[:10])) + (f" and {len(bad) - 10} more" if len(bad) > 10 else "")
+        print(f"cluster: warning: an elastic group of {shown} workers cannot make train.global_batch_size="
+              f"{config.train.global_batch_size} (train.elastic_batch_tolerance {config.train.elastic_batch_tolerance:g}); "
+              f"a group that shrinks to such a size stops with that message", file=sys.stderr, flush=True)
+
+
+def fewest_workers(config: Config) -> int:
+    """The smallest group the job runs with: min_workers when elastic (Ray grows it later)."""
+    return config.cluster.min_workers if elastic(config) else config.cluster.num_workers
 
 
 def absolute(url: str | None) -> str | None:
@@ -294,7 +322,9 @@ def launch(config: Config, command: str, without_ray: bool = False) -> int:
         if without_ray:
             from coatnet_scale import standalone
 
-            standalone.run(config, check_inputs)
+            outcome = standalone.run(config, check_inputs)
+            if "stopped" in outcome:
+                raise JobStopped(outcome["stopped"])
             if int(os.environ.get("RANK", "0")) != 0:
                 return 0
             metrics = read_metrics(config)

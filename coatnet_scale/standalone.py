@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import os
 import socket
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
@@ -39,11 +40,13 @@ def init_process_group(use_gpu: bool):
     rank, world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if not dist.is_initialized():
+        # 30 minutes, as Ray Train's: rank 0 alone converts a checkpoint on a resize while the others wait.
+        timeout = timedelta(minutes=30)
         if use_gpu:
             torch.cuda.set_device(local_rank)
-            dist.init_process_group("nccl", device_id=torch.device("cuda", local_rank))
+            dist.init_process_group("nccl", device_id=torch.device("cuda", local_rank), timeout=timeout)
         else:
-            dist.init_process_group("gloo")
+            dist.init_process_group("gloo", timeout=timeout)
     # torchrun restarts a failed group only with --max-restarts; its run id names the job then.
     run_id = os.environ.get("TORCHELASTIC_RUN_ID", "none")
     restarts = int(os.environ.get("TORCHELASTIC_MAX_RESTARTS", "0"))

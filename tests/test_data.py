@@ -233,3 +233,14 @@ def test_keys_cli_across_a_resize(manifest):
     assert sorted(keys) == sorted(all_keys(manifest))
     assert groups.count("3:0") == groups.count("3:1") == groups.count("3:2") == 2 * 2  # 2 batches of 2 each
     assert {"2:0", "2:1"} <= set(groups)
+
+
+def test_a_resize_at_the_end_of_an_epoch_leaves_nothing_to_plan(manifest):
+    """A group that read (nearly) the whole epoch: what it left may be fewer samples than the new
+    group has slots; the loader says how many, so the engine can move to the next epoch."""
+    from coatnet_scale.data.plan import Phase
+
+    loader = StreamingLoader(spec(manifest, 4, 2), 0, 2)
+    everything = Phase(2, 2, 4, loader.batches_per_epoch)
+    assert StreamingLoader(spec(manifest, 4, 0), 0, 3).samples_left(0, (everything,)) == 0
+    assert StreamingLoader(spec(manifest, 4, 0), 0, 3).samples_left(0, (Phase(2, 2, 4, 2),)) == 53 - 2 * 2 * 4

@@ -36,7 +36,8 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from coatnet_scale.data.plan import EpochSpec, Phase, SlotPlan, derive_seed, phase_plan, shuffle_seed, shuffled
+from coatnet_scale.data.plan import (EpochSpec, Phase, SlotPlan, derive_seed, phase_plan, samples_left, shuffle_seed,
+                                     shuffled)
 from coatnet_scale.data.transforms import TransformSpec, make_batch_transform, make_sample_transform
 from coatnet_scale.storage import RangeReader, url_to_fs
 from dataprep.samples import IMAGE_EXTENSIONS, image_member, iter_samples, label_extensions, labeller, read_offsets
@@ -266,6 +267,10 @@ class StreamingLoader:
         return len(_slot_plan(self.spec, self.manifest, epoch, self.rank, self.world_size, 0, phases).batch_sizes) * \
             max(1, self.spec.num_workers)
 
+    def samples_left(self, epoch: int, phases: tuple[Phase, ...]) -> int:
+        """Samples of `epoch` that the groups of `phases` left unread, all ranks together."""
+        return samples_left(_epoch_spec(self.spec, self.manifest, epoch), phases)
+
     def epoch(self, epoch: int, start_batch: int = 0, phases: tuple[Phase, ...] = ()) -> DataLoader:
         """Batches start_batch, start_batch + 1, ... of `epoch`; after `phases` (groups of other
         sizes that read part of this epoch), the rest of the epoch cut for this group."""
@@ -278,7 +283,7 @@ class StreamingLoader:
         # workers seed every batch themselves, so the base seed is unused.
         return DataLoader(stream, batch_size=None, num_workers=workers, persistent_workers=False,
                           prefetch_factor=4 if workers else None, multiprocessing_context="fork" if workers else None,
-                          generator=torch.Generator())
+                          generator=torch.Generator(), pin_memory=torch.cuda.is_available())  # async copies to a GPU
 
 
 def epoch_keys(spec: LoaderSpec, rank: int, world_size: int, epoch: int, phases: tuple[Phase, ...] = (),

@@ -168,7 +168,7 @@ def phase_plan(spec: EpochSpec, phases: tuple[Phase, ...], rank: int, world_size
     slots = world_size * num_workers
     slot = rank * num_workers + worker
     if spec.mode != "exact":  # resampled: only the count of what is left matters
-        left = spec.epoch_samples - sum(len(c) for c in _consumed(spec, phases))
+        left = samples_left(spec, phases)
         start, end = balanced_ranges(left, slots)[slot]
         rng = random.Random(derive_seed(spec.seed, spec.epoch, slot, 1, len(phases)))
         segments, remaining = [], end - start
@@ -182,6 +182,13 @@ def phase_plan(spec: EpochSpec, phases: tuple[Phase, ...], rank: int, world_size
     start, end = balanced_ranges(len(left), slots)[slot]
     batches = batches_per_slot(len(left), slots, batch_size)
     return SlotPlan(_segments(spec, left[start:end]), slot_batch_sizes(end - start, batches, batch_size))
+
+
+def samples_left(spec: EpochSpec, phases: tuple[Phase, ...]) -> int:
+    """How many samples of the epoch the phases left unread."""
+    if spec.mode != "exact":
+        return spec.epoch_samples - sum(len(c) for c in _consumed(spec, phases))
+    return len(remaining_positions(spec, phases))
 
 
 def remaining_positions(spec: EpochSpec, phases: tuple[Phase, ...]) -> np.ndarray:

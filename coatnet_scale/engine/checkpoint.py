@@ -121,7 +121,9 @@ class Checkpoints:
         dist.all_gather_object(everyone, digests)
         if self.rank == 0:
             sha256 = {name: digest for rank_digests in everyone for name, digest in rank_digests.items()}
-            marker = {"step": step, "world_size": self.world_size, "files": sorted(self._files(tag)), "sha256": sha256,
+            # The files are the ones every rank reported writing, not a listing (which a shared
+            # filesystem with attribute caching may show rank 0 incompletely).
+            marker = {"step": step, "world_size": self.world_size, "files": sorted(sha256), "sha256": sha256,
                       **self.metadata}
             write_atomic(self.fs, f"{self.root}/{tag}/{MARKER}", json.dumps(marker, indent=1).encode())
             self._prune()
@@ -191,9 +193,11 @@ class Checkpoints:
             states = [torch.load(os.path.join(folder, n), map_location="cpu", weights_only=True, mmap=True) for n in names]
             state = {k: v for k, v in states[0].items() if k not in ("rng", "ema")}
             state["rng"] = states[self.rank]["rng"] if self.rank < len(states) else None
-            state["resized_from"] = marker["world_size"]
-            if all("ema" in s for s in states):
-                numels = {n: p.ds_numel if hasattr(p, "ds_numel") else p.numel() for n, p in engine.module.named_parameters()}
+            zero3 = all(hasattr(p, "ds_numel") for p in engine.module.parameters())
+            if all("ema" in s for s in states) and not zero3:  # stages 0-2: every rank holds it whole
+                state["ema"] = states[0]["ema"]
+            elif all("ema" in s for s in states):
+                numels = {n: p.ds_numel for n, p in engine.module.named_parameters()}
                 emas = [s["ema"] for s in states]
                 state["ema"] = {
                     "decay": emas[0]["decay"],
@@ -244,12 +248,16 @@ class Checkpoints:
             verify_files(f"{self.url}/{tag}", marker, source, inputs)  # the converter unpickles them
             if self.fs.exists(target):  # an unmarked leftover of a conversion that died
                 self.fs.rm(target, recursive=True)
-            result = subprocess.run(
-                [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder", source,
-                 "--output_folder", out, "--num_extract_workers", "1", "--num_merge_workers", "1"],
-                capture_output=True, text=True)
-            if result.returncode != 0:
-                raise RuntimeError(f"ds_to_universal failed: {(result.stderr or result.stdout).strip()[-2000:]}")
+            try:
+                result = subprocess.run(
+                    [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder", source,
+                     "--output_folder", out, "--num_extract_workers", "1", "--num_merge_workers", "1"],
+                    capture_output=True, text=True)
+                if result.returncode != 0:
+                    raise RuntimeError(f"ds_to_universal failed: {(result.stderr or result.stdout).strip()[-2000:]}")
+            except BaseException:
+                shutil.rmtree(out, ignore_errors=True)  # a partial conversion is never kept
+                raise
             files = sorted(os.path.relpath(os.path.join(d, f), out) for d, _, fs in os.walk(out) for f in fs)
             sha256 = {name: file_sha256(os.path.join(out, name)) for name in files}
             size = sum(os.path.getsize(os.path.join(out, name)) for name in files)

@@ -97,11 +97,12 @@ class FailureLog:
             return None
         last, before = failed[-1], failed[-2]
         same_start = all(r["resumed_from"] == resumed_from and r["shape"] == shape for r in last + before)
-        common = {r["error"] for r in last} & {r["error"] for r in before}
-        if not same_start or not common:
+        # What ended an attempt is its first failing rank's error; the others' are often knock-on
+        # (a peer gone), which a lost node causes too.
+        where, earlier = min(last, key=lambda r: r["time"]), min(before, key=lambda r: r["time"])
+        if not same_start or where["error"] != earlier["error"]:
             return None
-        error = sorted(common)[0]
-        where = next(r for r in last if r["error"] == error)
+        error = where["error"]
         start = f"checkpoint {resumed_from}" if resumed_from else "the beginning"
         return (f"the same error ended the last 2 attempts, both started from {start} on {shape} with no checkpoint "
                 f"in between: {error} (rank {where['rank']}, step {where['step']}); not retrying: fix the cause "

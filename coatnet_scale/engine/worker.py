@@ -297,14 +297,20 @@ def _train(config: Config, placement: Placement, device: torch.device, checkpoin
     phases = tuple(Phase(*p) for p in state.get("phases", ()))
     if "data_group" in state and state["data_group"] != group:
         phases, batch_in_epoch = (*phases, Phase(*state["data_group"], batch_in_epoch)), 0
+        left = loader.samples_left(epoch, phases)
+        if left < world_size * max(1, config.data.num_workers):  # too few to give every slot one: next epoch
+            if rank == 0 and left:
+                print(f"data: the last {left} samples of epoch {epoch} are left out: fewer than this group's "
+                      f"{world_size * max(1, config.data.num_workers)} loader slots", flush=True)
+            epoch, phases = epoch + 1, ()
     if batch_in_epoch >= loader.batches_in(epoch, phases):  # checkpointed at an epoch's end: skip reading it
         epoch, batch_in_epoch, phases = epoch + 1, 0, ()
     batches = iter(loader.epoch(epoch, batch_in_epoch, phases))
     monitor = _monitor(config, rank, world_size, device, step, epoch)
-    images_per_step = t.micro_batch_size * t.grad_accum_steps * world_size
     last_metrics: dict = {}
     history: list[dict] = []
-    window_start, window_steps, window_wait, corrupt = time.monotonic(), 0, 0.0, 0
+    # Images counted as they come: a slot's last batch may be smaller than the micro-batch.
+    window_start, window_steps, window_wait, window_images, corrupt = time.monotonic(), 0, 0.0, 0, 0
     while step < last_step:
         loss_sum = torch.zeros((), dtype=torch.float64, device=device)
         for _ in range(t.grad_accum_steps):
@@ -318,6 +324,7 @@ def _train(config: Config, placement: Placement, device: torch.device, checkpoin
             monitor.batch(wait_start, batch)
             batch_in_epoch += 1
             corrupt += batch["corrupt"]
+            window_images += len(batch["targets"])
             loss_sum += forward_backward(engine, batch, device, t.loss)
         step += 1
         progress["step"] = step
@@ -327,11 +334,11 @@ def _train(config: Config, placement: Placement, device: torch.device, checkpoin
         step_loss = loss_sum.item() / t.grad_accum_steps
         monitor.step(step, epoch, step_loss, scheduler.get_last_lr()[0], engine.get_global_grad_norm())
         if step % t.log_every == 0 or step == last_step:
-            stats = collectives.sum_over_ranks([step_loss, corrupt], device)
+            stats = collectives.sum_over_ranks([step_loss, corrupt, window_images], device)
             elapsed = time.monotonic() - window_start
             last_metrics = {
                 "step": step, "epoch": epoch, "loss": stats[0].item() / world_size, "lr": scheduler.get_last_lr()[0],
-                "images_per_second": images_per_step * window_steps / elapsed,
+                "images_per_second": stats[2].item() / elapsed,
                 "step_seconds": elapsed / window_steps, "data_wait_fraction": window_wait / elapsed,
                 "corrupt_samples": int(stats[1].item()),
             }
@@ -346,7 +353,7 @@ def _train(config: Config, placement: Placement, device: torch.device, checkpoin
                     f"data-wait {last_metrics['data_wait_fraction']:.0%}",
                     flush=True,
                 )
-            window_start, window_steps, window_wait = time.monotonic(), 0, 0.0
+            window_start, window_steps, window_wait, window_images = time.monotonic(), 0, 0.0, 0
         if validation is not None and t.eval_every and step % t.eval_every == 0 and step < last_step:
             result = evaluate_with_ema(engine, validation, device, ema)
             monitor.evaluated(result)
