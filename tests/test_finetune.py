@@ -5,7 +5,6 @@ evaluate command scores the results."""
 import json
 import os
 import re
-import secrets
 import signal
 import subprocess
 import sys
@@ -13,7 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import REPO, RayCluster
+from conftest import REPO, RayCluster, ray_client_environment
 
 sys.path.insert(0, str(REPO / "launch"))
 TINY, TINY_FT = REPO / "configs" / "tiny.yaml", REPO / "configs" / "tiny_ft.yaml"
@@ -86,14 +85,9 @@ def test_finetune_fails_fast_on_a_bad_init(demo_corpus, tmp_path, init, message)
 
 @pytest.fixture(scope="module")
 def cluster():
-    with pytest.MonkeyPatch.context() as env:
-        # Token authentication on, with a token of this test's own (clients read it from the env);
-        # job entrypoints run `python`: this venv's.
-        env.setenv("RAY_AUTH_MODE", "token")
-        env.setenv("RAY_AUTH_TOKEN", secrets.token_hex(32))
-        env.setenv("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
-        env.setenv("PATH", f"{Path(sys.executable).parent}:{os.environ['PATH']}")
-        env.delenv("RAY_ADDRESS", raising=False)
+    # Token authentication on, with a token of this module's own that this process's clients
+    # (which cache it) are told of; job entrypoints run this venv's `python`.
+    with ray_client_environment():
         cluster = RayCluster(dict(os.environ))
         try:
             yield cluster
