@@ -6,11 +6,10 @@ once and keeps the result beside the checkpoint); this module holds what is ours
 - the batch at the new size: coatnet_scale/batch.py (`batch_plan`);
 - each rank's share of the sharded EMA (`reshard_partitions`), cut by ZeRO-3's own rule (a
   parameter of n elements is split into ceil(n / world) per rank, the last padded);
-- RNG states for ranks that did not exist when the checkpoint was written (`new_rank_seed`).
+- RNG states for ranks the checkpoint has none for: `data.plan.derive_seed(seed, rank, step)`, in the worker.
 """
 from __future__ import annotations
 
-import hashlib
 import math
 
 import torch
@@ -30,8 +29,3 @@ def reshard_partitions(per_rank: list[dict[str, torch.Tensor]], numels: dict[str
         resharded[name] = part
     return resharded
 
-
-def new_rank_seed(seed: int, rank: int, step: int) -> int:
-    """The RNG seed of a rank that the checkpoint had no state for: the same seed, rank and
-    step give the same state, whatever resumed before."""
-    return int.from_bytes(hashlib.sha256(f"{seed}/{rank}/{step}".encode()).digest()[:8], "little")

@@ -29,7 +29,7 @@ import torch.nn.functional as F
 
 from coatnet_scale.config import Config
 from coatnet_scale.data import eval_loader, train_loader
-from coatnet_scale.data.plan import Phase
+from coatnet_scale.data.plan import Phase, derive_seed
 from coatnet_scale.engine import collectives
 from coatnet_scale.engine.checkpoint import Checkpoints
 from coatnet_scale.engine.ema import ShardedEMA
@@ -38,7 +38,6 @@ from coatnet_scale.engine.placement import placement_problems
 from coatnet_scale.engine.optim import group_weight_decays, lr_multiplier, param_groups
 from coatnet_scale.engine.pretrained import load_initial_weights
 from coatnet_scale.batch import apply_batch_plan, batch_plan
-from coatnet_scale.engine.reshard import new_rank_seed
 from coatnet_scale.engine.zero import deepspeed_config
 from coatnet_scale.models import Checkpointing, create_model
 from coatnet_scale.models.coatnet import BatchNorm2d
@@ -273,7 +272,7 @@ def _train(config: Config, placement: Placement, device: torch.device, checkpoin
         if state["rng"] is not None:
             _set_rng_state(state["rng"])
         else:  # a rank the checkpoint had no state for
-            torch.manual_seed(new_rank_seed(config.train.seed, rank, step))
+            torch.manual_seed(derive_seed(config.train.seed, rank, step))  # the same for the same rank and step
         if resized:
             _restore_hyperparameters(engine, scheduler, config, step)
         if rank == 0:
