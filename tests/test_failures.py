@@ -37,3 +37,22 @@ def test_an_error_from_a_dataloader_worker_is_named_by_its_original_line():
                                 "(most recent call last):\n  File \"x.py\", line 1\nFileNotFoundError: train-000003.tar")
     assert error_signature(wrapped) == "FileNotFoundError: train-000003.tar"
     assert error_signature(ValueError("bad value\nmore")) == "ValueError: bad value"
+
+
+def test_the_first_failing_rank_may_change_between_attempts(tmp_path):
+    """Two ranks each fail on their own missing shard; which records first is a race. The
+    repeat is still seen when the ranks swap places (the CI failure that ran a third attempt),
+    or when only one rank recorded before its group was stopped."""
+    log = FailureLog(str(tmp_path), {}, "job")
+    for first, second in ((0, 1), (1, 0)):
+        attempt, stop = log.start(None, rank=0, nodes=["node-a"])
+        assert stop is None
+        for rank in (first, second):
+            log.record(attempt, rank=rank, step=0, error=FileNotFoundError(f"train-00000{rank}.tar"))
+    _, stop = log.start(None, rank=0, nodes=["node-a"])
+    assert stop is not None and "FileNotFoundError: train-00000" in stop and "the beginning" in stop
+    log = FailureLog(str(tmp_path), {}, "job2")
+    for rank in (0, 1):
+        attempt, _ = log.start(None, rank=0, nodes=["node-a"])
+        log.record(attempt, rank=rank, step=0, error=FileNotFoundError(f"train-00000{rank}.tar"))
+    assert log.start(None, rank=0, nodes=["node-a"])[1] is not None

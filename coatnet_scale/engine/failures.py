@@ -6,13 +6,15 @@ on what remains and goes on. A config, data or code error is not: it fails again
 and on 256 GPUs each restart costs minutes. So a rank that fails writes what ended it to the
 run's storage, under failures/{job}/, with the checkpoint its attempt started from and the
 group's shape (world size and nodes). A group that starts from the same checkpoint, with the
-same shape, as the last two failed attempts of its job, which both ended with the same error,
-stops at once and names that error. A new checkpoint in between, or a group of another size or
-on other nodes, goes on; a new job (running the command again) starts a new record.
+same shape, as the last two failed attempts of its job stops at once and names the error, when
+the last attempt's first failure is one the attempt before also ended with. A new checkpoint in
+between, or a group of another size or on other nodes, goes on; a new job (running the command
+again) starts a new record.
 """
 from __future__ import annotations
 
 import json
+import re
 import time
 from dataclasses import dataclass
 
@@ -37,6 +39,10 @@ def error_signature(error: BaseException) -> str:
     if any("Traceback (most recent call last)" in line for line in lines):
         return lines[-1].strip()[:500]
     return f"{type(error).__name__}: {lines[0][:500] if lines else ''}".rstrip(": ")
+
+
+def _without_numbers(signature: str) -> str:
+    return re.sub(r"\d+", "#", signature)
 
 
 class FailureLog:
@@ -98,9 +104,12 @@ class FailureLog:
         last, before = failed[-1], failed[-2]
         same_start = all(r["resumed_from"] == resumed_from and r["shape"] == shape for r in last + before)
         # What ended an attempt is its first failing rank's error; the others' are often knock-on
-        # (a peer gone), which a lost node causes too.
-        where, earlier = min(last, key=lambda r: r["time"]), min(before, key=lambda r: r["time"])
-        if not same_start or where["error"] != earlier["error"]:
+        # (a peer gone), which a lost node causes too. Which rank fails first is a race: rank 0
+        # may lose it to rank 1 in one attempt and win it the next, and their errors can differ
+        # (each names its own shard, and a rank killed with its group records nothing). So the
+        # error repeats when any rank of the attempt before ended with it, numbers aside.
+        where = min(last, key=lambda r: r["time"])
+        if not same_start or _without_numbers(where["error"]) not in {_without_numbers(r["error"]) for r in before}:
             return None
         error = where["error"]
         start = f"checkpoint {resumed_from}" if resumed_from else "the beginning"
