@@ -38,7 +38,7 @@ def rank_main(rank: int, world_size: int, port: int, args: argparse.Namespace, f
 
     from coatnet_scale.config import load_config
     from coatnet_scale.data import train_loader
-    from coatnet_scale.engine.worker import build_engine, soft_target_loss
+    from coatnet_scale.engine.worker import build_engine, forward_backward
     from monitoring.training import NullMonitor, start_training_monitor
 
     warnings.filterwarnings("ignore", category=FutureWarning)
@@ -81,11 +81,7 @@ def rank_main(rank: int, world_size: int, port: int, args: argparse.Namespace, f
                     batches = iter(loader.epoch(epoch))
                     batch = next(batches)
                 monitor.batch(wait_start, batch)
-                logits = engine(batch["images"].to(device, non_blocking=True))
-                loss = soft_target_loss(logits, batch["targets"].to(device), t.loss)
-                engine.backward(loss)
-                engine.step()
-                loss_sum += loss.detach().double().cpu()
+                loss_sum += forward_backward(engine, *loader.to_device(batch, device), t.loss).double()
             step += 1
             monitor.step(step, epoch, loss_sum.item() / t.grad_accum_steps, scheduler.get_last_lr()[0], engine.get_global_grad_norm())
             if step % t.log_every == 0:
@@ -107,7 +103,7 @@ def isolated_costs() -> tuple[float, float]:
     from monitoring.training import TrainingMonitor
 
     monitor = TrainingMonitor({"run": "bench", "node": "n", "rank": "0"}, torch.device("cpu"), 4e7, 1e11)
-    batch = {"targets": torch.zeros(32), "corrupt": 0}
+    batch = {"labels": torch.zeros(32), "corrupt": 0}
     norm = torch.tensor(1.0, dtype=torch.float64)
     n = 20000
     start = time.perf_counter()

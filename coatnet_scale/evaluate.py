@@ -42,9 +42,10 @@ def evaluate(model: torch.nn.Module, manifest_url: str, batch_size: int = 64, nu
                       transform=TransformSpec(image_size=model.image_size, train=False, crop_ratio=crop_ratio))
     model = model.to(device).eval()
     top1 = top5 = samples = 0
-    for batch in StreamingLoader(spec).epoch(0):
-        logits = model(batch["images"].to(device)).float()
-        labels = batch["targets"].to(device)
+    loader = StreamingLoader(spec)
+    for batch in loader.epoch(0):
+        images, labels = loader.to_device(batch, device)
+        logits = model(images).float()
         best = logits.topk(min(5, logits.shape[1]), dim=1).indices
         top1 += (best[:, 0] == labels).sum().item()
         top5 += (best == labels[:, None]).any(dim=1).sum().item()

@@ -117,7 +117,7 @@ class TrainingMonitor:
 
     def batch(self, wait_start: float, batch: dict) -> None:
         self._wait += time.monotonic() - wait_start
-        self._batch_images += len(batch["targets"])
+        self._batch_images += len(batch["labels"])
         self._batch_corrupt += int(batch.get("corrupt", 0))
 
     def step(self, step: int, epoch: int, loss: float, lr: float, grad_norm=None) -> None:

@@ -72,9 +72,11 @@ def test_loader_yields_what_keys_predicts(manifest, workers):
         assert len(batches) == loader.batches_per_epoch
         assert [k for b in batches for k in b["keys"]] == epoch_keys(spec(manifest, 4, workers), rank, world_size, 0)
         for b in batches:
-            assert b["images"].shape[1:] == (3, 32, 32) and b["images"].dtype == torch.float32
-            assert b["targets"].shape == (len(b["keys"]), 3)
-            torch.testing.assert_close(b["targets"].sum(1), torch.ones(len(b["keys"])))  # soft targets
+            assert b["images"].shape[1:] == (3, 32, 32) and b["images"].dtype == torch.uint8
+            images, targets = loader.to_device(b, torch.device("cpu"), torch.bfloat16)
+            assert images.shape == b["images"].shape and images.dtype == torch.bfloat16
+            assert targets.shape == (len(b["keys"]), 3)
+            torch.testing.assert_close(targets.sum(1), torch.ones(len(b["keys"])))  # soft targets
             assert b["corrupt"] == 0
     assert counts[0] == counts[1]
 
@@ -99,15 +101,17 @@ def test_resume_mid_epoch_is_exact(manifest, stop_after):
     after = list(loader.epoch(2, start_batch=stop_after))
     resumed = before + after
     assert len(resumed) == len(straight)
+    cpu = torch.device("cpu")
     for a, b in zip(resumed, straight):
         assert a["keys"] == b["keys"]
-        assert torch.equal(a["images"], b["images"]) and torch.equal(a["targets"], b["targets"])
+        assert torch.equal(a["images"], b["images"]) and a["mix_seed"] == b["mix_seed"]
+        assert all(map(torch.equal, loader.to_device(a, cpu), loader.to_device(b, cpu)))
 
 
 def test_eval_loader_is_plain(manifest):
     loader = StreamingLoader(spec(manifest, 8, workers=0, train=False, shuffle=False), 0, 1)
     batches = list(loader.epoch(0))
-    labels = torch.cat([b["targets"] for b in batches])
+    labels = torch.cat([loader.to_device(b, torch.device("cpu"))[1] for b in batches])
     assert labels.dtype == torch.int64 and len(labels) == 53
     again = list(loader.epoch(5))
     assert all(torch.equal(a["images"], b["images"]) for a, b in zip(batches, again))  # no randomness

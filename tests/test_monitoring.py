@@ -336,7 +336,7 @@ def test_taken_port_warns_once_and_the_monitor_still_works(caplog):
     warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
     assert len(warnings) == 1 and f"rank 3 metrics: cannot serve /metrics on 127.0.0.1:{port}" in warnings[0]
     # Without an exporter the monitor keeps counting; the training loop never notices.
-    monitor.batch(time.monotonic(), {"targets": [0] * 8, "corrupt": 1})
+    monitor.batch(time.monotonic(), {"labels": [0] * 8, "corrupt": 1})
     monitor.step(1, 0, 2.0, 1e-3, 1.0)
     monitor.log()
     monitor.close()

@@ -37,9 +37,9 @@ norms = [m for m in engine.module.modules() if isinstance(m, BatchNorm2d)]
 before = norms[0].running_mean.clone()
 generator = torch.Generator().manual_seed(0)
 for step in range(4):
-    batch = {"images": torch.randn(32, 3, 32, 32, generator=generator),
-             "targets": torch.nn.functional.one_hot(torch.randint(0, 10, (32,), generator=generator), 10).float()}
-    loss = forward_backward(engine, batch, torch.device("cpu"), "softmax")
+    images = torch.randn(32, 3, 32, 32, generator=generator).bfloat16()
+    targets = torch.nn.functional.one_hot(torch.randint(0, 10, (32,), generator=generator), 10).float()
+    loss = forward_backward(engine, images, targets, "softmax")
     ema.update()
     expected = [e + 0.5 * (m.double() - e) for e, m in zip(expected, masters)]
     stairs = [e + 0.5 * (w.double() - e) for e, w in zip(stairs, working)]

@@ -2,7 +2,8 @@
 torchvision's transforms.v2 composed as usual (`reference_sample_transform`): the same random
 draws, so the same crops, flips and RandAugment operations; outputs equal except for the crop's
 resize, torch's uint8 kernel against PIL's, which may differ by one level in a pixel; the batch
-normalisation bit for bit. The plain tar reader against tarfile."""
+normalisation bit for bit, and the mixing as torchvision draws it. The plain tar reader against
+tarfile."""
 import io
 import tarfile
 
@@ -14,8 +15,8 @@ from torch.utils.data import DataLoader, IterableDataset
 from torchvision.transforms import v2
 
 from coatnet_scale.data.transforms import (
-    IMAGENET_MEAN, IMAGENET_STD, TransformSpec, _RandAugment, _smooth, make_sample_transform, normalize,
-    reference_sample_transform,
+    IMAGENET_MEAN, IMAGENET_STD, BatchTransform, TransformSpec, _RandAugment, _smooth, make_sample_transform,
+    normalize, reference_sample_transform, stack,
 )
 from corpus import photo
 from dataprep.samples import iter_samples
@@ -98,18 +99,48 @@ def test_eval_transform_is_the_reference():
 
 class _Batches(IterableDataset):
     def __iter__(self):
-        yield normalize([torch.zeros(3, 4, 4, dtype=torch.uint8)], shared=True)
+        yield stack([torch.zeros(3, 4, 4, dtype=torch.uint8)])
+
+
+def test_stack_makes_one_contiguous_batch_in_shared_memory_from_a_worker():
+    images = list(torch.randint(0, 256, (5, 20, 30, 4), dtype=torch.uint8).permute(0, 3, 1, 2)[:, :3])  # as PIL's RGBX
+    batch = stack(images)
+    assert batch.is_contiguous() and torch.equal(batch, torch.stack(images)) and not batch.is_shared()
+    # Yielded from a DataLoader worker, the batch is already in shared memory (no copy).
+    (from_worker,) = DataLoader(_Batches(), batch_size=None, num_workers=1, multiprocessing_context="fork")
+    assert from_worker.is_shared() and from_worker.dtype == torch.uint8
 
 
 def test_normalize_is_torchvisions_per_image_arithmetic():
     per_image = v2.Compose([v2.ToDtype(torch.float32, scale=True), v2.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
-    batch = torch.randint(0, 256, (5, 20, 30, 3), dtype=torch.uint8).permute(0, 3, 1, 2)  # channels-last, as PIL's
-    expect = torch.stack([per_image(image) for image in batch])
-    assert torch.equal(normalize(batch), expect) and torch.equal(normalize(list(batch)), expect)
-    assert normalize(batch).is_contiguous()
-    # Yielded from a DataLoader worker, a shared batch is already in shared memory (no copy).
-    (from_worker,) = DataLoader(_Batches(), batch_size=None, num_workers=1, multiprocessing_context="fork")
-    assert from_worker.is_shared() and not normalize(batch, shared=True).is_shared()
+    batch = torch.randint(0, 256, (5, 3, 20, 30), dtype=torch.uint8)
+    assert torch.equal(normalize(batch), torch.stack([per_image(image) for image in batch]))
+
+
+def test_batch_transform_is_torchvisions_mixing_drawn_from_its_seed():
+    """Mixup/CutMix as v2.RandomChoice draws them under the batch's seed, whatever the caller's
+    random state, which stays untouched; then label smoothing."""
+    spec, classes = TransformSpec(image_size=16, label_smoothing=0.1), 5
+    transform = BatchTransform(spec, classes)
+    images, labels = torch.randint(0, 256, (6, 3, 16, 16), dtype=torch.uint8), torch.arange(6) % classes
+    mix = v2.RandomChoice([v2.MixUp(alpha=spec.mixup_alpha, num_classes=classes),
+                           v2.CutMix(alpha=spec.cutmix_alpha, num_classes=classes)])
+    outputs = []
+    for seed in range(6):
+        torch.manual_seed(seed)
+        expect_images, expect_targets = mix(normalize(images), labels)
+        torch.manual_seed(1000 + seed)  # the caller's state: neither used nor moved
+        state = torch.get_rng_state()
+        got_images, got_targets = transform(images, labels, seed)
+        assert torch.equal(torch.get_rng_state(), state)
+        assert torch.equal(got_images, expect_images)
+        torch.testing.assert_close(got_targets, expect_targets * 0.9 + 0.1 / classes)
+        torch.testing.assert_close(got_targets.sum(1), torch.ones(6))
+        outputs.append(got_images)
+    assert not all(torch.equal(outputs[0], o) for o in outputs[1:])  # the seed matters
+    evaluation = BatchTransform(TransformSpec(image_size=16, train=False), classes)
+    got_images, got_labels = evaluation(images, labels, 0)
+    assert torch.equal(got_images, normalize(images)) and torch.equal(got_labels, labels)
 
 
 def tar_of_every_kind(format_) -> bytes:

@@ -1,4 +1,4 @@
-"""The streaming loader: webdataset shards on any fsspec store -> decoded, augmented batches.
+"""The streaming loader: webdataset shards on any fsspec store -> decoded, augmented uint8 batches.
 
 Order. What each (rank, worker) reads is fixed by `plan.py`; each worker passes its samples
 through a shuffle buffer seeded by (seed, epoch, rank, worker), cuts them into its planned
@@ -38,7 +38,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from coatnet_scale.data.plan import (EpochSpec, Phase, SlotPlan, derive_seed, phase_plan, samples_left, shuffle_seed,
                                      shuffled)
-from coatnet_scale.data.transforms import TransformSpec, make_batch_transform, make_sample_transform
+from coatnet_scale.data.transforms import BatchTransform, TransformSpec, make_sample_transform, stack
 from coatnet_scale.storage import RangeReader, url_to_fs
 from dataprep.samples import IMAGE_EXTENSIONS, image_member, iter_samples, label_extensions, labeller, read_offsets
 
@@ -214,7 +214,6 @@ class ShardStream(IterableDataset):
         worker = ((info.id if info else 0) + self.start_batch) % workers
         skip = _batches_before(self.start_batch, worker, workers)
         sample_transform = make_sample_transform(self.spec.transform)
-        batch_transform = make_batch_transform(self.spec.transform, len(self.manifest.classes))
         label_of = labeller(self.manifest.labels, self.manifest.classes)
         limit = self.spec.corrupt_limit
         seen = corrupt = 0
@@ -246,8 +245,11 @@ class ShardStream(IterableDataset):
                 )
             if not images:
                 raise CorruptDataError(f"every sample of batch {index} (rank {self.rank}, worker {worker}) is corrupt")
-            batch_images, targets = batch_transform(images, torch.tensor(labels))
-            yield {"images": batch_images, "targets": targets, "labels": torch.tensor(labels), "keys": keys, "corrupt": bad}
+            # The batch's mixing happens on the training device (`StreamingLoader.to_device`),
+            # with draws seeded here, with the rest of its augmentation.
+            mix_seed = int(torch.randint(2**62, ()))
+            yield {"images": stack(images), "labels": torch.tensor(labels), "mix_seed": mix_seed, "keys": keys,
+                   "corrupt": bad}
 
 
 class StreamingLoader:
@@ -261,6 +263,17 @@ class StreamingLoader:
         self.spec, self.rank, self.world_size = spec, rank, world_size
         self.manifest = load_manifest(spec.manifest_url, spec.storage_options)
         self.batches_per_epoch = self.batches_in(0)
+        self.batch_transform = BatchTransform(spec.transform, len(self.manifest.classes))
+
+    def to_device(self, batch: dict, device: torch.device, dtype: torch.dtype = torch.float32):
+        """A batch as the model takes it: (images normalised, in `dtype`; targets), on `device`.
+        Training targets are soft (B, num_classes), after Mixup/CutMix and label smoothing;
+        evaluation targets are the labels. The loader hands over uint8 images, a quarter of the
+        bytes of float ones, and the arithmetic runs on the device."""
+        images = batch["images"].to(device, non_blocking=True)
+        labels = batch["labels"].to(device, non_blocking=True)
+        images, targets = self.batch_transform(images, labels, batch["mix_seed"])
+        return images.to(dtype), targets
 
     def batches_in(self, epoch: int, phases: tuple[Phase, ...] = ()) -> int:
         """This rank's batches in `epoch` (in the phase after `phases`, for a resized epoch)."""

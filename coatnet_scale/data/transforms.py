@@ -1,12 +1,12 @@
 """Augmentation from torchvision's transforms.v2, built from a small spec.
 
-Train: RandomResizedCrop, horizontal flip, RandAugment(n, m) per image; then, per batch,
-normalisation, Mixup or CutMix
-(one of them at random per batch) and label smoothing on the batch, giving soft targets of
-shape (B, num_classes). Softmax and sigmoid losses take the same soft targets: with sigmoid,
-each class is an independent on/off target smoothed toward smoothing / num_classes.
-Eval: resize the shorter side to image_size / crop_ratio, centre crop, integer labels as
-targets.
+Train: RandomResizedCrop, horizontal flip, RandAugment(n, m) per image, in the loader's
+workers, which hand over uint8 batches; then, per batch, on the training device
+(`BatchTransform`): normalisation, Mixup or CutMix (one of them at random per batch) and label
+smoothing, giving soft targets of shape (B, num_classes). Softmax and sigmoid losses take the
+same soft targets: with sigmoid, each class is an independent on/off target smoothed toward
+smoothing / num_classes. Eval: resize the shorter side to image_size / crop_ratio, centre crop,
+normalise on the device; integer labels as targets.
 
 `reference_sample_transform` is that augmentation as torchvision composes it; the loader runs
 `make_sample_transform`, the same random draws computed faster (docs/data.md, "Loader speed").
@@ -64,7 +64,7 @@ def make_sample_transform(spec: TransformSpec):
     operations), computed faster. Differences from it are resampling noise only: the crop is
     resized by torch's uint8 antialiased bilinear kernel (vectorised; PIL's is not), which
     differs from PIL's by at most one level in a few pixels. Conversion to float and
-    normalisation wait for the batch (`normalize`)."""
+    normalisation wait for the batch, on the training device (`BatchTransform`)."""
     return _TrainTransform(spec) if spec.train else reference_sample_transform(spec)
 
 
@@ -145,47 +145,55 @@ def _smooth(image: Image.Image) -> Image.Image:
     return Image.fromarray(pixels)
 
 
-_MEAN, _STD = torch.tensor(IMAGENET_MEAN).view(3, 1, 1), torch.tensor(IMAGENET_STD).view(3, 1, 1)
-
-
-def normalize(images, shared: bool = False) -> torch.Tensor:
-    """uint8 images, a list of (3, H, W) or a batch, in any memory layout -> float32 batch
-    (N, 3, H, W), normalised: the arithmetic of transforms.v2's ToDtype(float32, scale=True)
-    then Normalize, bit for bit. Image by image into one output tensor, so that each image's
-    floats stay in cache through the arithmetic. `shared`, for the tensor a DataLoader worker
-    yields: allocated in shared memory, as default_collate allocates its batches, so that
-    passing it to the main process copies nothing."""
+def stack(images: list[torch.Tensor]) -> torch.Tensor:
+    """uint8 images (3, H, W), in any memory layout -> one contiguous uint8 batch (N, 3, H, W).
+    In a DataLoader worker it is allocated in shared memory, as default_collate allocates its
+    batches, so that passing it to the main process copies nothing."""
     shape = (len(images), *images[0].shape)
-    if shared and get_worker_info() is not None:
-        out = torch.empty(0).set_(torch.UntypedStorage._new_shared(4 * math.prod(shape)), 0, shape)
+    if get_worker_info() is not None:
+        out = torch.empty(0, dtype=torch.uint8).set_(torch.UntypedStorage._new_shared(math.prod(shape)), 0, shape)
     else:
-        out = torch.empty(shape)
+        out = torch.empty(shape, dtype=torch.uint8)
     for image, dest in zip(images, out):
-        dest.copy_(image).mul_(1.0 / 255).sub_(_MEAN).div_(_STD)
+        dest.copy_(image)
     return out
 
 
-def make_batch_transform(spec: TransformSpec, num_classes: int):
-    """(uint8 images as for `normalize`, int labels) -> (normalised float images, targets): soft
-    targets for training, labels for eval."""
-    if not spec.train:
-        return lambda images, labels: (normalize(images, shared=True), labels)
-    mixers = []
-    if spec.mixup_alpha > 0:
-        mixers.append(v2.MixUp(alpha=spec.mixup_alpha, num_classes=num_classes))
-    if spec.cutmix_alpha > 0:
-        mixers.append(v2.CutMix(alpha=spec.cutmix_alpha, num_classes=num_classes))
-    mix = v2.RandomChoice(mixers) if mixers else None
-    smoothing = spec.label_smoothing
+def normalize(images: torch.Tensor) -> torch.Tensor:
+    """uint8 batch (N, 3, H, W) -> float32 batch normalised, on the batch's device: the
+    arithmetic of transforms.v2's ToDtype(float32, scale=True) then Normalize, bit for bit."""
+    mean = torch.tensor(IMAGENET_MEAN, device=images.device).view(3, 1, 1)
+    std = torch.tensor(IMAGENET_STD, device=images.device).view(3, 1, 1)
+    return images.to(torch.float32).mul_(1.0 / 255).sub_(mean).div_(std)
 
-    def apply(images: torch.Tensor, labels: torch.Tensor):
-        mixing = mix is not None and len(labels) > 1
-        images = normalize(images, shared=not mixing)  # mixing makes new tensors
-        if mixing:
-            images, targets = mix(images, labels)
+
+class BatchTransform:
+    """The per-batch part of the augmentation, run on the training device (as timm's fast loader
+    and FFCV do): (uint8 images, int labels, seed) -> (normalised float images, targets). In
+    training, Mixup or CutMix (one at random per batch, torchvision's) and label smoothing give
+    soft targets of shape (B, num_classes); in evaluation the targets are the labels. The
+    loader's worker draws `seed` with the rest of the batch's augmentation, and the mixing draws
+    come from a CPU generator seeded with it, so a batch is mixed the same way on any device and
+    after any resume, and the trainer's own random state is left alone."""
+
+    def __init__(self, spec: TransformSpec, num_classes: int):
+        self.train, self.num_classes, self.smoothing = spec.train, num_classes, spec.label_smoothing
+        mixers = []
+        if spec.train and spec.mixup_alpha > 0:
+            mixers.append(v2.MixUp(alpha=spec.mixup_alpha, num_classes=num_classes))
+        if spec.train and spec.cutmix_alpha > 0:
+            mixers.append(v2.CutMix(alpha=spec.cutmix_alpha, num_classes=num_classes))
+        self.mix = v2.RandomChoice(mixers) if mixers else None
+
+    def __call__(self, images: torch.Tensor, labels: torch.Tensor, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+        images = normalize(images)
+        if not self.train:
+            return images, labels
+        if self.mix is not None and len(labels) > 1:
+            with torch.random.fork_rng(devices=[]):  # the CPU generator only: a GPU's stays as it was
+                torch.default_generator.manual_seed(seed)
+                images, targets = self.mix(images, labels)
         else:
-            targets = torch.nn.functional.one_hot(labels, num_classes).float()
+            targets = torch.nn.functional.one_hot(labels, self.num_classes).float()
         # Smoothing commutes with mixing (both are linear), so it can come last.
-        return images, targets * (1 - smoothing) + smoothing / num_classes
-
-    return apply
+        return images, targets * (1 - self.smoothing) + self.smoothing / self.num_classes

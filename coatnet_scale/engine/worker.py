@@ -126,11 +126,11 @@ def input_dtype(engine) -> torch.dtype:
     return torch.float16 if engine.fp16_enabled() else torch.float32
 
 
-def forward_backward(engine, batch: dict, device: torch.device, loss_kind: str) -> torch.Tensor:
-    """One micro-batch through the engine (forward, backward, and the optimizer step at the end
-    of an accumulation); returns the loss, detached, on the device."""
-    logits = engine(batch["images"].to(device, dtype=input_dtype(engine), non_blocking=True))
-    loss = soft_target_loss(logits, batch["targets"].to(device, non_blocking=True), loss_kind)
+def forward_backward(engine, images: torch.Tensor, targets: torch.Tensor, loss_kind: str) -> torch.Tensor:
+    """One micro-batch, on the device (`StreamingLoader.to_device`), through the engine (forward,
+    backward, and the optimizer step at the end of an accumulation); returns the loss, detached."""
+    logits = engine(images)
+    loss = soft_target_loss(logits, targets, loss_kind)
     engine.backward(loss)
     engine.step()
     return loss.detach()
@@ -173,8 +173,8 @@ def evaluate(engine, loader, device) -> dict:
     counts = torch.zeros(3, dtype=torch.float64, device=device)  # top-1 hits, top-5 hits, samples
     with torch.no_grad():
         for batch in loader.epoch(0):
-            logits = engine(batch["images"].to(device, dtype=input_dtype(engine), non_blocking=True)).float()
-            labels = batch["targets"].to(device)
+            images, labels = loader.to_device(batch, device, input_dtype(engine))
+            logits = engine(images).float()
             top5 = logits.topk(min(5, logits.shape[1]), dim=1).indices
             counts[0] += (top5[:, 0] == labels).sum()
             counts[1] += (top5 == labels[:, None]).any(dim=1).sum()
@@ -323,8 +323,8 @@ def _train(config: Config, placement: Placement, device: torch.device, checkpoin
             monitor.batch(wait_start, batch)
             batch_in_epoch += 1
             corrupt += batch["corrupt"]
-            window_images += len(batch["targets"])
-            loss_sum += forward_backward(engine, batch, device, t.loss)
+            window_images += len(batch["labels"])
+            loss_sum += forward_backward(engine, *loader.to_device(batch, device, input_dtype(engine)), t.loss)
         step += 1
         progress["step"] = step
         window_steps += 1
