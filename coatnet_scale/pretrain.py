@@ -17,6 +17,7 @@ import sys
 import time
 import uuid
 
+from coatnet_scale.batch import ElasticBatchError, batch_plan
 from coatnet_scale.config import Config, add_config_arguments, config_from_arguments
 from coatnet_scale.storage import storage_options, url_to_fs
 
@@ -194,8 +195,6 @@ def elastic(config: Config) -> bool:
 
 def warn_elastic_sizes(config: Config) -> None:
     """An elastic group may shrink to sizes that cannot make the global batch: say which, once."""
-    from coatnet_scale.batch import ElasticBatchError, batch_plan
-
     if not elastic(config):
         return
     c, bad = config.cluster, []

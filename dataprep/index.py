@@ -34,7 +34,7 @@ from PIL import Image
 from coatnet_scale.storage import url_to_fs
 from dataprep import prep
 from dataprep.images import ImageOptions
-from dataprep.samples import IMAGE_EXTENSIONS, SampleError, encode_offsets, image_member, iter_samples, label_index, raw_label
+from dataprep.samples import SampleError, encode_offsets, image_member, iter_samples, label_index, raw_label, read_members
 from dataprep.shards import HashingReader, publish_bytes
 
 INDEX_FORMAT = "coatnet_scale.dataprep.index/1"
@@ -72,17 +72,15 @@ class IndexTask:
 
 
 def _scan(task: IndexTask, fs, path: str) -> dict:
-    rule, read = task.labels, {*IMAGE_EXTENSIONS, task.labels["member"]}
+    rule = task.labels
     index = {name: number for number, name in enumerate(task.classes or [])}
     digest, starts, end, rejected, names, top = hashlib.sha256(), [], 0, [], set(), -1
     with fs.open(path, "rb", block_size=8 * 2**20) as f:
         hashing = HashingReader(f, digest)
-        for sample in iter_samples(hashing, lambda ext: ext in read):
+        for sample in iter_samples(hashing, read_members(rule)):
             key = sample["__key__"]
             try:
                 image = image_member(sample)
-                if image is None:
-                    raise SampleError("no image", f"no {'/'.join('.' + e for e in IMAGE_EXTENSIONS)} member")
                 value = raw_label(sample, rule)
                 if task.classes is not None:
                     label_index(value, task.classes, index)
@@ -139,22 +137,13 @@ def _class_list(records: list[dict], fixed: list[str] | None) -> list[str]:
     if names and top >= 0:
         raise prep.PrepError("labels mix integers and class names; give the class list with --classes")
     if names:
-        return sorted(names, key=(lambda n: (int(n), n)) if all(n.isdigit() for n in names) else str)
+        return prep.sort_class_names(names)
     return [str(i) for i in range(top + 1)]
 
 
 def _finished(fs, root: str, fingerprint: str, count: int) -> dict[int, dict]:
-    folder = f"{root}/_progress"
-    if not fs.exists(folder):
-        return {}
     records = {}
-    for path in sorted(fs.ls(folder, detail=False)):
-        if not path.endswith(".json"):
-            continue
-        record = json.loads(fs.cat_file(path))
-        if record.get("fingerprint") != fingerprint:
-            raise prep.PrepError(f"{root}: holds an unfinished index of other shards or options; rerun it with its "
-                                 f"original arguments, or use an empty DEST")
+    for record in prep.progress_records(fs, root, fingerprint, "index of other shards or options"):
         offsets = (record.get("shard") or {}).get("offsets")
         if "error" not in record and record["index"] < count and (not offsets or fs.exists(f"{root}/{offsets}")):
             records[record["index"]] = record

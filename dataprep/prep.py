@@ -41,9 +41,8 @@ from dataprep.shards import (
     shard_name,
     staging_directory,
 )
-from dataprep.sources import (
-    Item, Listing, SavedListing, SourceRejection, inner_part, list_inner_tar, list_source, read_item,
-)
+from dataprep import sources
+from dataprep.sources import Item, Listing, SavedListing, SourceRejection, list_source, read_item
 
 MANIFEST_FORMAT = "coatnet_scale.dataprep/1"
 
@@ -150,10 +149,8 @@ def write_shard(task: ShardTask) -> dict:
 
 
 def list_inner(task: tuple[int, str, int, int]) -> tuple:
-    """(k, *inner_part) of the inner tar at bytes [offset, offset + size) of url."""
-    k, url, offset, size = task
-    fs, path = url_to_fs(url, _worker["storage_options"])
-    return (k, *inner_part(*list_inner_tar(fs, path, offset, size)))
+    """sources.list_inner in a pool worker, with the worker's storage options."""
+    return sources.list_inner(task, _worker["storage_options"])
 
 
 # ---------------------------------------------------------------------------------------
@@ -210,10 +207,13 @@ class Progress:
 
 def _class_list(listing: Listing, classes_url: str | None, storage_options: dict) -> list[str]:
     if classes_url is None:
-        names = {listing.groups[g][1] for g in np.unique(listing.group)}
-        all_numeric = all(name.isdigit() for name in names)
-        return sorted(names, key=(lambda n: (int(n), n)) if all_numeric else str)
+        return sort_class_names({listing.groups[g][1] for g in np.unique(listing.group)})
     return read_classes(classes_url, storage_options)
+
+
+def sort_class_names(names) -> list[str]:
+    """Numerically when every name is a number (2 before 10), else as text."""
+    return sorted(names, key=(lambda n: (int(n), n)) if all(n.isdigit() for n in names) else str)
 
 
 def read_classes(classes_url: str, storage_options: dict) -> list[str]:
@@ -255,21 +255,26 @@ def inputs_per_shard(listing: Listing, options: PrepOptions) -> int:
     return min(candidates)
 
 
-def _finished_records(fs, root: str, fingerprint: str, planned: int, log) -> dict[int, dict]:
-    """Progress records of this same run whose shard is present with the recorded size."""
+def progress_records(fs, root: str, fingerprint: str, what: str):
+    """The progress records under DEST/_progress/, each of this same run (`fingerprint`); a
+    record of another run stops everything, naming `what` that run was made from."""
     directory = f"{root}/_progress"
     if not fs.exists(directory):
-        return {}
-    finished = {}
+        return
     for path in sorted(fs.ls(directory, detail=False)):
         if not path.endswith(".json"):
             continue
         record = json.loads(fs.cat_file(path))
         if record.get("fingerprint") != fingerprint:
-            raise PrepError(
-                f"{root}: holds an unfinished run made from other inputs or options; rerun it with its "
-                f"original arguments, or use an empty DEST"
-            )
+            raise PrepError(f"{root}: holds an unfinished {what}; rerun it with its original arguments, or use an "
+                            f"empty DEST")
+        yield record
+
+
+def _finished_records(fs, root: str, fingerprint: str, planned: int, log) -> dict[int, dict]:
+    """Progress records of this same run whose shard is present with the recorded size."""
+    finished = {}
+    for record in progress_records(fs, root, fingerprint, "run made from other inputs or options"):
         shard = record["shard"]
         if shard is not None:
             shard_path = f"{root}/{shard['name']}"

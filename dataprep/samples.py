@@ -180,8 +180,12 @@ def _read_exactly(fileobj, size: int) -> bytes:
     return data
 
 
-def image_member(sample: dict) -> str | None:
-    return next((ext for ext in IMAGE_EXTENSIONS if ext in sample), None)
+def image_member(sample: dict) -> str:
+    """The extension of the sample's image member; SampleError when it has none."""
+    ext = next((ext for ext in IMAGE_EXTENSIONS if ext in sample), None)
+    if ext is None:
+        raise SampleError("no image", f"no {'/'.join('.' + e for e in IMAGE_EXTENSIONS)} member")
+    return ext
 
 
 def raw_label(sample: dict, rule: dict | None) -> int | str:
@@ -225,15 +229,16 @@ def labeller(rule: dict | None, classes: list[str]) -> Callable[[dict], int]:
     index = {name: number for number, name in enumerate(classes)}
 
     def label(sample: dict) -> int:
-        if image_member(sample) is None:
-            raise SampleError("no image", f"no {'/'.join('.' + e for e in IMAGE_EXTENSIONS)} member")
+        image_member(sample)
         return label_index(raw_label(sample, rule), classes, index)
 
     return label
 
 
-def label_extensions(rule: dict | None) -> set[str]:
-    return {(rule or {"member": "cls"})["member"]}
+def read_members(rule: dict | None) -> Callable[[str], bool]:
+    """Which members to read (by extension) for labels by `rule`: the image and the label."""
+    read = {*IMAGE_EXTENSIONS, (rule or {"member": "cls"})["member"]}
+    return lambda ext: ext in read
 
 
 def encode_offsets(offsets: list[int]) -> bytes:

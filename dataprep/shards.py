@@ -16,7 +16,7 @@ import tempfile
 from fsspec.implementations.local import LocalFileSystem
 
 from coatnet_scale.storage import file_sha256, url_to_fs
-from dataprep.samples import IMAGE_EXTENSIONS, SampleError, encode_offsets, iter_samples, label_extensions, labeller
+from dataprep.samples import SampleError, encode_offsets, iter_samples, labeller, read_members
 
 
 def shard_name(split: str, index: int) -> str:
@@ -117,7 +117,7 @@ def verify_dataset(dest: str, storage_options: dict, progress=print) -> list[str
         return [f"{dest}/manifest.json: missing (the dataset is incomplete or DEST is wrong)"]
     manifest = json.loads(fs.cat_file(manifest_path))
     label_of = labeller(manifest.get("labels"), manifest["classes"])
-    read = {*IMAGE_EXTENSIONS, *label_extensions(manifest.get("labels"))}
+    wanted = read_members(manifest.get("labels"))
     problems = []
     total = 0
     for number, shard in enumerate(manifest["shards"], 1):
@@ -131,7 +131,7 @@ def verify_dataset(dest: str, storage_options: dict, progress=print) -> list[str
         with shard_fs.open(path, "rb") as f:
             hashing = HashingReader(f, digest)
             try:
-                for sample in iter_samples(hashing, lambda ext: ext in read):
+                for sample in iter_samples(hashing, wanted):
                     if sample["__key__"] in rejected:
                         continue
                     try:

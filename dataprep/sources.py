@@ -258,13 +258,17 @@ def _from_tar_of_tars(fs, path: str, url: str, map_inner, saved: SavedListing, l
     return listing, rejections
 
 
+def list_inner(task: tuple[int, str, int, int], storage_options: dict) -> tuple:
+    """(k, *inner_part) of the inner tar at bytes [offset, offset + size) of url, for task
+    (k, url, offset, size): one step of a tar of tars' listing, in any process."""
+    k, url, offset, size = task
+    fs, path = url_to_fs(url, storage_options)
+    return (k, *inner_part(*list_inner_tar(fs, path, offset, size)))
+
+
 def list_inner_tars_here(storage_options: dict):
-    """map_inner for listing in this process: (k, url, offset, size) -> (k, names, offsets, sizes)."""
-    def run(tasks):
-        for k, url, offset, size in tasks:
-            fs, path = url_to_fs(url, storage_options)
-            yield (k, *inner_part(*list_inner_tar(fs, path, offset, size)))
-    return run
+    """map_inner for listing in this process."""
+    return lambda tasks: (list_inner(task, storage_options) for task in tasks)
 
 
 def list_source(

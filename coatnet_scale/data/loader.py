@@ -40,7 +40,7 @@ from coatnet_scale.data.plan import (EpochSpec, Phase, SlotPlan, derive_seed, ph
                                      shuffled)
 from coatnet_scale.data.transforms import BatchTransform, TransformSpec, make_sample_transform, stack
 from coatnet_scale.storage import RangeReader, url_to_fs
-from dataprep.samples import IMAGE_EXTENSIONS, image_member, iter_samples, label_extensions, labeller, read_offsets
+from dataprep.samples import image_member, iter_samples, labeller, read_members, read_offsets
 
 log = logging.getLogger(__name__)
 
@@ -147,11 +147,6 @@ def _read_segment(manifest: Manifest, shard: int, skip: int, take: int, storage_
             time.sleep(0.5 * 2**attempt)
 
 
-def _wanted(manifest: Manifest):
-    read = {*IMAGE_EXTENSIONS, *label_extensions(manifest.labels)}
-    return lambda ext: ext in read
-
-
 def _epoch_spec(spec: LoaderSpec, manifest: Manifest, epoch: int) -> EpochSpec:
     return EpochSpec(tuple(manifest.shard_sizes), spec.seed, epoch, spec.shuffle, spec.shuffle_buffer, spec.mode,
                      spec.epoch_samples)
@@ -167,11 +162,11 @@ def _raw_batches(spec: LoaderSpec, manifest: Manifest, epoch: int, rank: int, wo
                  phases: tuple[Phase, ...] = ()):
     """(batch index, raw samples, is last batch) for one worker's slot, in order."""
     plan = _slot_plan(spec, manifest, epoch, rank, world_size, worker, phases)
+    wanted = read_members(manifest.labels)
     samples = (
         sample
         for segment in plan.segments
-        for sample in _read_segment(manifest, segment.shard, segment.skip, segment.take, spec.storage_options,
-                                    _wanted(manifest))
+        for sample in _read_segment(manifest, segment.shard, segment.skip, segment.take, spec.storage_options, wanted)
     )
     ordered = iter(samples)
     if spec.shuffle:

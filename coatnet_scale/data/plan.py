@@ -71,13 +71,19 @@ def slot_batch_sizes(slot_samples: int, batches: int, batch_size: int) -> list[i
     return sizes + [last]
 
 
+def shard_order(shards: int, seed: int, epoch: int, shuffle: bool = True) -> list[int]:
+    """The order an exact epoch reads the shards in."""
+    order = list(range(shards))
+    if shuffle:
+        random.Random(derive_seed(seed, epoch)).shuffle(order)
+    return order
+
+
 def exact_plan(
     shard_sizes: list[int], seed: int, epoch: int, rank: int, world_size: int, worker: int, num_workers: int,
     batch_size: int, shuffle: bool = True,
 ) -> SlotPlan:
-    order = list(range(len(shard_sizes)))
-    if shuffle:
-        random.Random(derive_seed(seed, epoch)).shuffle(order)
+    order = shard_order(len(shard_sizes), seed, epoch, shuffle)
     total = sum(shard_sizes)
     slots = world_size * num_workers
     start, end = balanced_ranges(total, slots)[rank * num_workers + worker]
@@ -94,12 +100,13 @@ def exact_plan(
 
 def resampled_plan(
     shard_sizes: list[int], seed: int, epoch: int, rank: int, world_size: int, worker: int, num_workers: int,
-    batch_size: int, epoch_samples: int,
+    batch_size: int, epoch_samples: int, phase: int = 0,
 ) -> SlotPlan:
+    """`phase` > 0: the rest of a resized epoch, `epoch_samples` being what is left of it."""
     slots = world_size * num_workers
     slot = rank * num_workers + worker
     start, end = balanced_ranges(epoch_samples, slots)[slot]
-    rng = random.Random(derive_seed(seed, epoch, slot, 1))
+    rng = random.Random(derive_seed(seed, epoch, slot, 1, *((phase,) if phase else ())))
     segments, remaining = [], end - start
     while remaining > 0:
         shard = rng.randrange(len(shard_sizes))
@@ -153,33 +160,20 @@ class EpochSpec:
 
 def shuffle_seed(spec: EpochSpec, rank: int, worker: int, phase: int) -> int:
     """The seed of a worker's shuffle buffer (phase 0 keeps the seed an unresized epoch uses)."""
-    return derive_seed(spec.seed, spec.epoch, rank, worker, 2) if phase == 0 else \
-        derive_seed(spec.seed, spec.epoch, rank, worker, 2, phase)
+    return derive_seed(spec.seed, spec.epoch, rank, worker, 2, *((phase,) if phase else ()))
 
 
 def phase_plan(spec: EpochSpec, phases: tuple[Phase, ...], rank: int, world_size: int, worker: int,
                num_workers: int, batch_size: int) -> SlotPlan:
     """The slot of (rank, worker) in the phase after `phases` (none: an ordinary epoch)."""
+    args = (list(spec.shard_sizes), spec.seed, spec.epoch, rank, world_size, worker, num_workers, batch_size)
+    if spec.mode != "exact":  # resampled: after a resize, only the count of what is left matters
+        return resampled_plan(*args, samples_left(spec, phases), phase=len(phases))
     if not phases:
-        args = (list(spec.shard_sizes), spec.seed, spec.epoch, rank, world_size, worker, num_workers, batch_size)
-        if spec.mode == "exact":
-            return exact_plan(*args, shuffle=spec.shuffle)
-        return resampled_plan(*args, spec.epoch_samples)
+        return exact_plan(*args, shuffle=spec.shuffle)
     slots = world_size * num_workers
-    slot = rank * num_workers + worker
-    if spec.mode != "exact":  # resampled: only the count of what is left matters
-        left = samples_left(spec, phases)
-        start, end = balanced_ranges(left, slots)[slot]
-        rng = random.Random(derive_seed(spec.seed, spec.epoch, slot, 1, len(phases)))
-        segments, remaining = [], end - start
-        while remaining > 0:
-            shard = rng.randrange(len(spec.shard_sizes))
-            take = min(remaining, spec.shard_sizes[shard])
-            segments.append(Segment(shard, 0, take))
-            remaining -= take
-        return SlotPlan(segments, slot_batch_sizes(end - start, batches_per_slot(left, slots, batch_size), batch_size))
     left = remaining_positions(spec, phases)
-    start, end = balanced_ranges(len(left), slots)[slot]
+    start, end = balanced_ranges(len(left), slots)[rank * num_workers + worker]
     batches = batches_per_slot(len(left), slots, batch_size)
     return SlotPlan(_segments(spec, left[start:end]), slot_batch_sizes(end - start, batches, batch_size))
 
@@ -219,9 +213,7 @@ def _consumed(spec: EpochSpec, phases: tuple[Phase, ...]) -> tuple[np.ndarray, .
 
 def _order_starts(spec: EpochSpec) -> tuple[list[int], np.ndarray]:
     """The epoch's shard order and where each of them starts in the epoch sequence."""
-    order = list(range(len(spec.shard_sizes)))
-    if spec.shuffle:
-        random.Random(derive_seed(spec.seed, spec.epoch)).shuffle(order)
+    order = shard_order(len(spec.shard_sizes), spec.seed, spec.epoch, spec.shuffle)
     starts = np.concatenate([[0], np.cumsum([spec.shard_sizes[s] for s in order])])
     return order, starts
 

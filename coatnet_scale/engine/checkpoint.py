@@ -112,7 +112,7 @@ class Checkpoints:
             mine = sorted(name for name in os.listdir(written) if self._own(name))
             digests = {name: file_sha256(os.path.join(written, name)) for name in mine}
             if self.local:
-                _fsync_files(written, self._own)  # on disk before the marker can say so
+                _fsync_files(written, mine)  # on disk before the marker can say so
             else:
                 for name in mine:
                     self.fs.put_file(os.path.join(written, name), f"{self.root}/{tag}/{name}")
@@ -161,13 +161,13 @@ class Checkpoints:
         no state for."""
         if marker["world_size"] != self.world_size:
             return self._load_resharded(engine, tag, marker)
+        needed = [name for name in marker["files"] if self._needed(name)]
         with self._staging() as load_dir:
             if not self.local:
                 os.makedirs(os.path.join(load_dir, tag), exist_ok=True)
-                for name in marker["files"]:
-                    if self._needed(name):
-                        self.fs.get_file(f"{self.root}/{tag}/{name}", os.path.join(load_dir, tag, name))
-            self._verify(tag, marker, os.path.join(load_dir, tag))
+                for name in needed:
+                    self.fs.get_file(f"{self.root}/{tag}/{name}", os.path.join(load_dir, tag, name))
+            verify_files(f"{self.url}/{tag}", marker, os.path.join(load_dir, tag), needed)
             engine.load_checkpoint(load_dir, tag=tag, load_optimizer_states=True, load_lr_scheduler_states=True)
             # On the CPU: a restarted group may put this rank on another GPU than the one that saved it.
             return torch.load(os.path.join(load_dir, tag, f"trainer_state_rank{self.rank}.pt"), map_location="cpu",
@@ -262,9 +262,7 @@ class Checkpoints:
             sha256 = {name: file_sha256(os.path.join(out, name)) for name in files}
             size = sum(os.path.getsize(os.path.join(out, name)) for name in files)
             if self.local:
-                for name in files:  # on disk before the marker can say so
-                    with open(os.path.join(out, name), "rb") as f:
-                        os.fsync(f.fileno())
+                _fsync_files(out, files)  # on disk before the marker can say so
                 os.rename(out, target)
             else:
                 for name in files:
@@ -304,16 +302,9 @@ class Checkpoints:
             if self.local_rank == 0:
                 shutil.rmtree(os.path.dirname(folder), ignore_errors=True)
 
-    def _verify(self, tag: str, marker: dict, folder: str) -> None:
-        verify_files(f"{self.url}/{tag}", marker, folder, [n for n in marker["files"] if self._needed(n)])
-
     def _needed(self, name: str) -> bool:
-        """This rank's own files, plus rank 0's non-partitioned ones (mp_rank_*)."""
-        return (
-            name.startswith("mp_rank_")
-            or f"zero_pp_rank_{self.rank}_" in name
-            or name == f"trainer_state_rank{self.rank}.pt"
-        )
+        """What this rank loads: its own files, plus rank 0's non-partitioned ones (mp_rank_*)."""
+        return name.startswith("mp_rank_") or self._own(name)
 
     def _own(self, name: str) -> bool:
         """The files this rank wrote: its ZeRO partitions and trainer state, and on rank 0 the
@@ -347,14 +338,13 @@ def verify_files(url: str, marker: dict, folder: str, names: list[str]) -> None:
             )
 
 
-def _fsync_files(folder: str, own) -> None:
-    """fsync the files of `folder` that `own(name)` says this rank wrote (on a shared
+def _fsync_files(folder: str, names: list[str]) -> None:
+    """fsync `names` (paths relative to `folder`: only what this rank wrote; on a shared
     filesystem the others are other ranks' to sync, possibly still being written), and the
     folder, so their names are durable too."""
-    for name in os.listdir(folder):
-        if own(name):
-            with open(os.path.join(folder, name), "rb") as f:
-                os.fsync(f.fileno())
+    for name in names:
+        with open(os.path.join(folder, name), "rb") as f:
+            os.fsync(f.fileno())
     descriptor = os.open(folder, os.O_RDONLY)
     try:
         os.fsync(descriptor)

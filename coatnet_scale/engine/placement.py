@@ -14,7 +14,6 @@ bytes) and the group stops before it trains when:
 from __future__ import annotations
 
 
-
 def is_local(url: str) -> bool:
     return "://" not in url or url.startswith("file://")
 

@@ -28,4 +28,3 @@ def reshard_partitions(per_rank: list[dict[str, torch.Tensor]], numels: dict[str
         part[: piece.numel()] = piece
         resharded[name] = part
     return resharded
-

@@ -27,6 +27,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from coatnet_scale.batch import apply_batch_plan, batch_plan
 from coatnet_scale.config import Config
 from coatnet_scale.data import eval_loader, train_loader
 from coatnet_scale.data.plan import Phase, derive_seed
@@ -34,10 +35,9 @@ from coatnet_scale.engine import collectives
 from coatnet_scale.engine.checkpoint import Checkpoints
 from coatnet_scale.engine.ema import ShardedEMA
 from coatnet_scale.engine.failures import FailureLog
-from coatnet_scale.engine.placement import placement_problems
 from coatnet_scale.engine.optim import group_weight_decays, lr_multiplier, param_groups
+from coatnet_scale.engine.placement import placement_problems
 from coatnet_scale.engine.pretrained import load_initial_weights
-from coatnet_scale.batch import apply_batch_plan, batch_plan
 from coatnet_scale.engine.zero import deepspeed_config
 from coatnet_scale.models import Checkpointing, create_model
 from coatnet_scale.models.coatnet import BatchNorm2d
