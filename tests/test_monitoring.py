@@ -167,7 +167,9 @@ def demo_corpus():
     return DEMO
 
 
-STEPS = 10
+# Long enough that Prometheus scrapes several steps: it takes up to ~6 s to act on a new file_sd
+# list (its discovery manager batches updates for 5 s), and on an idle machine 10 tiny steps took 4 s.
+STEPS = 40
 WORKERS = 3
 
 
@@ -188,8 +190,8 @@ def test_prometheus_scrapes_every_worker_and_answers_every_dashboard_query(demo_
         f"data.train_manifest={demo_corpus}/train/manifest.json", f"data.val_manifest={demo_corpus}/val/manifest.json",
         f"cluster.num_workers={WORKERS}", "cluster.cpus_per_worker=0.5", f"train.global_batch_size={32 * WORKERS}",
         "data.num_workers=0",  # decode in the training process: 3 ranks on 2 cores are crowded enough
-        f"train.total_steps={STEPS}", "train.warmup_steps=2", "train.log_every=2", "train.eval_every=5",
-        "checkpoint.every_steps=5", f"monitoring.port={base}", f"monitoring.targets_dir={targets_dir}",
+        f"train.total_steps={STEPS}", "train.warmup_steps=2", "train.log_every=10", "train.eval_every=20",
+        "checkpoint.every_steps=20", f"monitoring.port={base}", f"monitoring.targets_dir={targets_dir}",
         "monitoring.linger_seconds=10",
     ]
     expressions = dashboard_expressions(run, node)
@@ -268,16 +270,24 @@ def test_prometheus_scrapes_every_worker_and_answers_every_dashboard_query(demo_
                 assert set(labels) == want, (name, labels)
                 assert labels["run"] == run and labels["node"] == node and labels["rank"] in {"0", "1"}
 
-    # The values say what happened: 10 steps of 32 images per rank, from the start, on a CPU.
+    # The values say what happened: STEPS steps per rank, from the start, on a CPU.
     def by_rank(name):
         return {r["metric"]["rank"]: float(r["value"][1]) for r in seen[name]}
 
     assert by_rank("coatnet_steps_total") == {"0": STEPS, "1": STEPS}
     assert by_rank("coatnet_step") == {"0": STEPS, "1": STEPS}
-    assert by_rank("coatnet_images_total") == {"0": 32 * STEPS, "1": 32 * STEPS}
+    # Exact-once epochs: each rank reads its share of the demo's training set (a third, give or
+    # take one sample) per epoch, in batches of 32 and a last smaller one; the rest are steps of 32.
+    samples = sum(shard["samples"] for shard in json.loads((demo_corpus / "train" / "manifest.json").read_text())["shards"])
+    share = samples // WORKERS
+    epochs, rest = divmod(STEPS, -(-share // 32))
+    assert epochs >= 1, "the run is meant to cross an epoch boundary"
+    shares = {epochs * share + 32 * rest, epochs * (share + 1) + 32 * rest}
+    images = by_rank("coatnet_images_total")
+    assert set(images) == {"0", "1"} and set(images.values()) <= shares, (images, shares)
     assert by_rank("coatnet_worker_group_restarts_total") == {"0": 0, "1": 0}
     assert len(list((tmp_path / "runs" / run / "monitoring" / "group_starts").glob("*.json"))) == 1  # rank 0 noted the start
-    assert by_rank("coatnet_epoch") == {"0": 0, "1": 0}
+    assert by_rank("coatnet_epoch") == {"0": epochs, "1": epochs}
     assert all(0 < v < 1 for v in by_rank("coatnet_mfu_ratio").values())
     assert all(v > 0 for v in by_rank("coatnet_gradient_norm").values())
     assert all(0 < v <= 1e-3 for v in by_rank("coatnet_learning_rate").values())
