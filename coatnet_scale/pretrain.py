@@ -129,7 +129,8 @@ def check_capacity(config: Config, nodes: list[dict], autoscaling: bool) -> None
 
 
 def wait_for_capacity(config: Config, autoscaling: bool, poll_s: float = 2.0) -> list[dict]:
-    """Return the alive nodes' resources once they can hold the worker group.
+    """Return the alive nodes' resources once they can hold the worker group (an elastic one at
+    min_workers: Ray Train starts it there and grows it as nodes arrive).
 
     A cluster that cannot grow (our own local instance, or no cluster.max_resources) is judged
     as it is. An autoscaling one is refused at once only when its maximum cannot hold the
@@ -151,24 +152,28 @@ def wait_for_capacity(config: Config, autoscaling: bool, poll_s: float = 2.0) ->
     # Ray Train's own request would come only with its placement group; asking now starts the
     # nodes while the rest of preflight waits. The request is withdrawn once answered.
     request_resources(bundles=[worker] * c.num_workers)
+    # An elastic group starts at min_workers and Ray Train grows it as nodes arrive.
+    group = f"{needed} workers" if needed == c.num_workers else f"{needed} workers (min_workers; up to {c.num_workers})"
     start = last_line = time.monotonic()
     held = None
     try:
-        while (fit := workers_that_fit(nodes, worker)) < c.num_workers:
+        while (fit := workers_that_fit(nodes, worker)) < needed:
             waited = time.monotonic() - start
             if waited >= c.scale_up_timeout_s:
-                raise PreflightError(f"cluster: after {waited:.0f} s its nodes hold {fit} of the {c.num_workers} workers "
+                raise PreflightError(f"cluster: after {waited:.0f} s its nodes hold {fit} of the {group} "
                                      f"(cluster.scale_up_timeout_s {c.scale_up_timeout_s:g}); is the autoscaler running "
                                      f"and cluster.max_resources right?")
             if fit != held or time.monotonic() - last_line >= 30:
-                print(f"cluster: waiting for the autoscaler: its {len(nodes)} node(s) hold {fit} of the {c.num_workers} "
-                      f"workers; {waited:.0f} s of {c.scale_up_timeout_s:g} s", flush=True)
+                print(f"cluster: waiting for the autoscaler: its {len(nodes)} node(s) hold {fit} of the {group}; "
+                      f"{waited:.0f} s of {c.scale_up_timeout_s:g} s", flush=True)
                 held, last_line = fit, time.monotonic()
             time.sleep(poll_s)
             nodes = alive()
     finally:
         request_resources(bundles=[])
-    print(f"cluster: {len(nodes)} node(s) hold the {c.num_workers} workers after {time.monotonic() - start:.0f} s", flush=True)
+    holding = f"the {needed} workers" if needed == c.num_workers else (
+        f"{min(fit, c.num_workers)} of up to {c.num_workers} workers (Ray Train asks for the rest and grows the group)")
+    print(f"cluster: {len(nodes)} node(s) hold {holding} after {time.monotonic() - start:.0f} s", flush=True)
     return nodes
 
 

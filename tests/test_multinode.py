@@ -210,34 +210,46 @@ def fake_autoscaling_config(gcs_address: str, max_workers: int) -> dict:
 PREFLIGHT = """
 from coatnet_scale.config import load_config
 from coatnet_scale.pretrain import connect_and_wait
-config = load_config({tiny!r}, ["cluster.num_workers=4", "train.global_batch_size=128", "storage.url=s3://bucket/runs",
-                                "cluster.max_resources={{CPU: 4}}", "cluster.scale_up_timeout_s=120"])
+config = load_config({tiny!r}, ["train.global_batch_size=128", "storage.url=s3://bucket/runs",
+                                "cluster.max_resources={{CPU: 4}}", "cluster.scale_up_timeout_s=90", *{overrides!r}])
 nodes = connect_and_wait(config)
 print("PREFLIGHT PASSED", len(nodes), "nodes", sum(n.get("CPU", 0) for n in nodes), "CPUs")
 """
 
 
 @pytest.mark.slow
-def test_preflight_waits_for_an_autoscaling_cluster(tmp_path):
+@pytest.mark.parametrize("group", ["fixed", "elastic"])
+def test_preflight_waits_for_an_autoscaling_cluster(group, tmp_path):
     """A cluster started with no worker capacity whose stated maximum holds the group: preflight
-    asks the autoscaler, reports while nodes arrive, and passes once they hold the group."""
+    asks the autoscaler, reports while nodes arrive, and passes once they hold the group.
+
+    Elastic: the autoscaler can launch only one 2-CPU node (spot capacity, say) while the stated
+    maximum holds all 4 workers; preflight passes once min_workers=2 fit, for Ray Train to start
+    the group there, rather than waiting out its timeout for the 4."""
+    fixed = group == "fixed"
+    overrides = ["cluster.num_workers=4"] if fixed else ["cluster.num_workers=4", "cluster.min_workers=2"]
     port = _free_port()
     config = tmp_path / "autoscaling.json"
-    config.write_text(json.dumps(fake_autoscaling_config(f"127.0.0.1:{port}", max_workers=2)))
+    config.write_text(json.dumps(fake_autoscaling_config(f"127.0.0.1:{port}", max_workers=2 if fixed else 1)))
     with ray_client_environment(), pytest.MonkeyPatch.context() as env:
         env.setenv("RAY_FAKE_CLUSTER", "1")
         env.setenv("AUTOSCALER_UPDATE_INTERVAL_S", "1")
         cluster = RayCluster(dict(os.environ), num_cpus=0, head_args=("--autoscaling-config", str(config)), port=port)
         try:
             script = tmp_path / "preflight.py"
-            script.write_text(PREFLIGHT.format(tiny=str(TINY)))
+            script.write_text(PREFLIGHT.format(tiny=str(TINY), overrides=overrides))
             status, logs = run_job(cluster, f"{sys.executable} {script}", timeout=180)
         finally:
             cluster.stop()
     assert status == "SUCCEEDED", logs[-3000:]
-    assert "cluster: waiting for the autoscaler: its 1 node(s) hold 0 of the 4 workers" in logs
-    assert re.search(r"cluster: 3 node\(s\) hold the 4 workers after \d+ s", logs), logs[-3000:]
-    assert "PREFLIGHT PASSED 3 nodes 4.0 CPUs" in logs
+    if fixed:
+        assert "cluster: waiting for the autoscaler: its 1 node(s) hold 0 of the 4 workers" in logs
+        assert re.search(r"cluster: 3 node\(s\) hold the 4 workers after \d+ s", logs), logs[-3000:]
+        assert "PREFLIGHT PASSED 3 nodes 4.0 CPUs" in logs
+    else:
+        assert "cluster: waiting for the autoscaler: its 1 node(s) hold 0 of the 2 workers (min_workers; up to 4)" in logs
+        assert re.search(r"cluster: 2 node\(s\) hold 2 of up to 4 workers \(Ray Train asks for the rest", logs), logs[-3000:]
+        assert "PREFLIGHT PASSED 2 nodes 2.0 CPUs" in logs
 
 
 # -- the headline command, the wheel, dataprep ------------------------------------------------------
