@@ -4,7 +4,7 @@ with monitoring on and off in the same run.
     python benchmarks/monitoring_overhead.py [--blocks 24] [--block-steps 10] [--scrape-every 1]
 
 Two ranks (gloo, DS_ACCELERATOR=cpu, one thread each, as `make demo` runs them) build the tiny
-run's DeepSpeed ZeRO-3 engine and loader and run the worker's training loop. Steps go in
+run's DeepSpeed ZeRO-3 engine and loader and take the worker's training steps (`train_step`). Steps go in
 blocks, monitoring off and on in the order off, on, on, off, ... so drifts in machine load
 cancel. "On" makes the worker's monitor calls and has its /metrics scraped every
 --scrape-every seconds by a thread inside the worker process itself (an upper bound: Prometheus
@@ -38,7 +38,7 @@ def rank_main(rank: int, world_size: int, port: int, args: argparse.Namespace, f
 
     from coatnet_scale.config import load_config
     from coatnet_scale.data import train_loader
-    from coatnet_scale.engine.worker import build_engine, forward_backward
+    from coatnet_scale.engine.worker import EpochBatches, build_engine, train_step
     from monitoring.training import NullMonitor, start_training_monitor
 
     warnings.filterwarnings("ignore", category=FutureWarning)
@@ -61,29 +61,18 @@ def rank_main(rank: int, world_size: int, port: int, args: argparse.Namespace, f
             time.sleep(args.scrape_every)
 
     threading.Thread(target=scrape, daemon=True).start()
-    device = torch.device("cpu")
-    epoch, step = 0, 0
-    batches = iter(loader.epoch(epoch))
+    device, step = torch.device("cpu"), 0
+    batches = EpochBatches(loader, 0)
     times: dict[str, list[float]] = {"on": [], "off": []}
     for block in range(-1, args.blocks):  # block -1 warms up (loader workers, first allocations)
         mode = "on" if block % 4 in (1, 2) else "off"
         monitor = monitors[mode]
         scraping.set() if mode == "on" else scraping.clear()
         for _ in range(args.block_steps):
+            # The worker's step (coatnet_scale/engine/worker.py), less its log window's all_reduce and print.
             start = time.monotonic()
-            # The worker's loop (coatnet_scale/engine/worker.py), less its every-log_every all_reduce and print.
-            loss_sum = torch.zeros((), dtype=torch.float64)
-            for _ in range(t.grad_accum_steps):
-                wait_start = time.monotonic()
-                batch = next(batches, None)
-                if batch is None:
-                    epoch += 1
-                    batches = iter(loader.epoch(epoch))
-                    batch = next(batches)
-                monitor.batch(wait_start, batch)
-                loss_sum += forward_backward(engine, *loader.to_device(batch, device), t.loss).double()
             step += 1
-            monitor.step(step, epoch, loss_sum.item() / t.grad_accum_steps, scheduler.get_last_lr()[0], engine.get_global_grad_norm())
+            train_step(engine, scheduler, batches, device, t, monitor, None, step)
             if step % t.log_every == 0:
                 monitor.log()
             if block >= 0:

@@ -28,7 +28,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from coatnet_scale.batch import apply_batch_plan, batch_plan
-from coatnet_scale.config import Config
+from coatnet_scale.config import Config, TrainConfig
 from coatnet_scale.data import eval_loader, train_loader
 from coatnet_scale.data.plan import Phase, derive_seed
 from coatnet_scale.engine import collectives
@@ -134,6 +134,56 @@ def forward_backward(engine, images: torch.Tensor, targets: torch.Tensor, loss_k
     engine.backward(loss)
     engine.step()
     return loss.detach()
+
+
+class EpochBatches:
+    """The training batches in order across epochs, and where reading stands (epoch, batches
+    read in it, the phases of a resized epoch) for the checkpoint."""
+
+    def __init__(self, loader, epoch: int, batch_in_epoch: int = 0, phases: tuple = ()):
+        self.loader, self.epoch, self.batch_in_epoch, self.phases = loader, epoch, batch_in_epoch, phases
+        self._batches = iter(loader.epoch(epoch, batch_in_epoch, phases))
+
+    def __next__(self) -> dict:
+        batch = next(self._batches, None)
+        if batch is None:  # the epoch is over: every rank reaches this at the same step
+            self.epoch, self.batch_in_epoch, self.phases = self.epoch + 1, 0, ()
+            self._batches = iter(self.loader.epoch(self.epoch))
+            batch = next(self._batches)
+        self.batch_in_epoch += 1
+        return batch
+
+
+@dataclass
+class StepCounts:
+    """What one optimizer step read and how it went, for the log window."""
+
+    loss: float
+    data_wait: float
+    images: int  # a slot's last batch may be smaller than the micro-batch
+    corrupt: int
+
+
+def train_step(engine, scheduler, batches: EpochBatches, device: torch.device, train: TrainConfig, monitor,
+               ema: ShardedEMA | None, step: int) -> StepCounts:
+    """Optimizer step `step`: grad_accum_steps micro-batches read, put on the device, forward and
+    backward (DeepSpeed steps the optimizer and schedule after the last), the EMA updated, the
+    monitor told."""
+    loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+    counts = StepCounts(0.0, 0.0, 0, 0)
+    for _ in range(train.grad_accum_steps):
+        wait_start = time.monotonic()
+        batch = next(batches)
+        counts.data_wait += time.monotonic() - wait_start
+        monitor.batch(wait_start, batch)
+        counts.images += len(batch["labels"])
+        counts.corrupt += batch["corrupt"]
+        loss_sum += forward_backward(engine, *batches.loader.to_device(batch, device, input_dtype(engine)), train.loss)
+    if ema is not None:
+        ema.update()
+    counts.loss = loss_sum.item() / train.grad_accum_steps
+    monitor.step(step, batches.epoch, counts.loss, scheduler.get_last_lr()[0], engine.get_global_grad_norm())
+    return counts
 
 
 def _rng_state() -> dict:
@@ -304,39 +354,24 @@ def _train(config: Config, placement: Placement, device: torch.device, checkpoin
             epoch, phases = epoch + 1, ()
     if batch_in_epoch >= loader.batches_in(epoch, phases):  # checkpointed at an epoch's end: skip reading it
         epoch, batch_in_epoch, phases = epoch + 1, 0, ()
-    batches = iter(loader.epoch(epoch, batch_in_epoch, phases))
+    batches = EpochBatches(loader, epoch, batch_in_epoch, phases)
     monitor = _monitor(config, rank, world_size, device, step, epoch)
     last_metrics: dict = {}
     history: list[dict] = []
-    # Images counted as they come: a slot's last batch may be smaller than the micro-batch.
     window_start, window_steps, window_wait, window_images, corrupt = time.monotonic(), 0, 0.0, 0, 0
     while step < last_step:
-        loss_sum = torch.zeros((), dtype=torch.float64, device=device)
-        for _ in range(t.grad_accum_steps):
-            wait_start = time.monotonic()
-            batch = next(batches, None)
-            if batch is None:  # the epoch is over: every rank reaches this at the same step
-                epoch, batch_in_epoch, phases = epoch + 1, 0, ()
-                batches = iter(loader.epoch(epoch))
-                batch = next(batches)
-            window_wait += time.monotonic() - wait_start
-            monitor.batch(wait_start, batch)
-            batch_in_epoch += 1
-            corrupt += batch["corrupt"]
-            window_images += len(batch["labels"])
-            loss_sum += forward_backward(engine, *loader.to_device(batch, device, input_dtype(engine)), t.loss)
+        counts = train_step(engine, scheduler, batches, device, t, monitor, ema, step + 1)
         step += 1
         progress["step"] = step
         window_steps += 1
-        if ema is not None:
-            ema.update()
-        step_loss = loss_sum.item() / t.grad_accum_steps
-        monitor.step(step, epoch, step_loss, scheduler.get_last_lr()[0], engine.get_global_grad_norm())
+        window_wait += counts.data_wait
+        window_images += counts.images
+        corrupt += counts.corrupt
         if step % t.log_every == 0 or step == last_step:
-            stats = collectives.sum_over_ranks([step_loss, corrupt, window_images], device)
+            stats = collectives.sum_over_ranks([counts.loss, corrupt, window_images], device)
             elapsed = time.monotonic() - window_start
             last_metrics = {
-                "step": step, "epoch": epoch, "loss": stats[0].item() / world_size, "lr": scheduler.get_last_lr()[0],
+                "step": step, "epoch": batches.epoch, "loss": stats[0].item() / world_size, "lr": scheduler.get_last_lr()[0],
                 "images_per_second": stats[2].item() / elapsed,
                 "step_seconds": elapsed / window_steps, "data_wait_fraction": window_wait / elapsed,
                 "corrupt_samples": int(stats[1].item()),
@@ -359,8 +394,9 @@ def _train(config: Config, placement: Placement, device: torch.device, checkpoin
             if rank == 0:
                 print(f"eval step {step}: {describe(result)}", flush=True)
         if step % config.checkpoint.every_steps == 0 or (step == last_step and config.checkpoint.at_end):
-            trainer_state = {"step": step, "epoch": epoch, "batch_in_epoch": batch_in_epoch, "rng": _rng_state(),
-                             "phases": [list(astuple(p)) for p in phases], "data_group": group}
+            trainer_state = {"step": step, "epoch": batches.epoch, "batch_in_epoch": batches.batch_in_epoch,
+                             "rng": _rng_state(), "phases": [list(astuple(p)) for p in batches.phases],
+                             "data_group": group}
             if ema is not None:
                 trainer_state["ema"] = ema.state_dict()
             seconds = checkpoints.save(engine, step, trainer_state)
