@@ -66,7 +66,8 @@ class DataConfig(Section):
     crop_scale: tuple[float, float] = (0.5, 1.0)
     hflip: bool = False
     randaugment_ops: int = Field(0, ge=0, description="0 disables RandAugment")
-    randaugment_magnitude: int = Field(9, ge=0, le=30)
+    randaugment_magnitude: int = Field(9, ge=0, le=30, description="RandAugment's own scale, as the paper's recipe: 10 is "
+                                       "torchvision's strongest setting, 15 half as far again (docs/data.md)")
     mixup_alpha: float = Field(0.0, ge=0.0, description="0 disables Mixup")
     cutmix_alpha: float = Field(0.0, ge=0.0, description="0 disables CutMix")
     eval_crop_ratio: float = Field(0.875, gt=0.0, le=1.0)

@@ -15,8 +15,8 @@ from torch.utils.data import DataLoader, IterableDataset
 from torchvision.transforms import v2
 
 from coatnet_scale.data.transforms import (
-    IMAGENET_MEAN, IMAGENET_STD, BatchTransform, TransformSpec, _RandAugment, _smooth, make_sample_transform,
-    normalize, reference_sample_transform, stack,
+    IMAGENET_MEAN, IMAGENET_STD, BatchTransform, PaperRandAugment, TransformSpec, _RandAugment, _smooth,
+    make_sample_transform, normalize, reference_sample_transform, stack,
 )
 from corpus import photo
 from dataprep.samples import iter_samples
@@ -56,8 +56,8 @@ def test_crop_flip_and_resize_differ_only_by_resampling_noise():
     assert differing < 0.05 * total
 
 
-def test_randaugment_is_torchvisions_bit_for_bit():
-    ours, theirs = _RandAugment(2, 9, 64), v2.RandAugment(2, 9)
+def test_randaugment_is_the_references_bit_for_bit():
+    ours, theirs = _RandAugment(2, 15, 64), PaperRandAugment(2, 15)
     for name, (magnitudes, signed) in theirs._AUGMENTATION_SPACE.items():  # every operation, both signs
         values = magnitudes(theirs.num_magnitude_bins, 64, 64)
         magnitude = 0.0 if values is None else float(values[theirs.magnitude])
@@ -71,6 +71,29 @@ def test_randaugment_is_torchvisions_bit_for_bit():
         expect = theirs(image)
         torch.manual_seed(seed)
         assert np.array_equal(np.asarray(ours(image)), np.asarray(expect)), seed
+
+
+def magnitudes_at(augment, size=224) -> dict:
+    return {name: None if (values := fn(augment.num_magnitude_bins, size, size)) is None else float(values[augment.magnitude])
+            for name, (fn, _) in augment._AUGMENTATION_SPACE.items()}
+
+
+def test_randaugment_magnitude_is_on_the_papers_scale():
+    """The recipe's "RandAugment (2, 15)" is on RandAugment's own scale (its TensorFlow code, timm):
+    level 10 is torchvision's strongest setting and operations scale in proportion. Torchvision's
+    magnitude 15 of its 31 bins would be level 5, a third as strong."""
+    for level in (0, 5, 9, 10):  # torchvision with 11 bins is that scale up to 10
+        tv = magnitudes_at(v2.RandAugment(2, level, num_magnitude_bins=11))
+        ours = magnitudes_at(PaperRandAugment(2, level))
+        assert tv.keys() == ours.keys()
+        for name in tv:
+            assert (tv[name] is None and ours[name] is None) or tv[name] == pytest.approx(ours[name], rel=1e-6, abs=1e-6), (level, name)
+    at15 = magnitudes_at(PaperRandAugment(2, 15))
+    assert at15["Rotate"] == pytest.approx(45.0) and at15["ShearX"] == pytest.approx(0.45)
+    assert at15["TranslateX"] == pytest.approx(1.5 * 150 / 331 * 224)
+    assert at15["Posterize"] == 2 and at15["Solarize"] == 0.0
+    assert all(at15[name] == pytest.approx(0.9) for name in ("Brightness", "Color", "Contrast", "Sharpness"))
+    assert magnitudes_at(v2.RandAugment(2, 15))["Rotate"] == pytest.approx(15.0)  # what the configs' 15 meant before
 
 
 @pytest.mark.parametrize("size", [(3, 3), (4, 9), (37, 23)])

@@ -1,6 +1,7 @@
 """Augmentation from torchvision's transforms.v2, built from a small spec.
 
-Train: RandomResizedCrop, horizontal flip, RandAugment(n, m) per image, in the loader's
+Train: RandomResizedCrop, horizontal flip, RandAugment(n, m) per image (m on the paper's scale:
+`PaperRandAugment`), in the loader's
 workers, which hand over uint8 batches; then, per batch, on the training device
 (`BatchTransform`): normalisation, Mixup or CutMix (one of them at random per batch) and label
 smoothing, giving soft targets of shape (B, num_classes). Softmax and sigmoid losses take the
@@ -52,7 +53,7 @@ def reference_sample_transform(spec: TransformSpec):
         if spec.hflip:
             steps.append(v2.RandomHorizontalFlip())
         if spec.randaugment_ops:
-            steps.append(v2.RandAugment(num_ops=spec.randaugment_ops, magnitude=spec.randaugment_magnitude))
+            steps.append(PaperRandAugment(spec.randaugment_ops, spec.randaugment_magnitude))
     else:
         steps = [v2.Resize(round(spec.image_size / spec.crop_ratio), antialias=True), v2.CenterCrop(spec.image_size)]
     return v2.Compose([*steps, v2.ToImage()])
@@ -99,8 +100,45 @@ def _pixels(image: Image.Image) -> torch.Tensor:
     return data.view(image.height, image.width, 4).permute(2, 0, 1)
 
 
-class _RandAugment(v2.RandAugment):
-    """v2.RandAugment for PIL images of one size: the same draws of operations and signs from
+def _levels(strongest: float, bins: int, cap: float | None = None) -> torch.Tensor:
+    """Magnitudes of levels 0 .. bins - 1: `strongest` at level 10, in proportion on either side."""
+    values = torch.arange(bins) * (strongest / 10)
+    return values if cap is None else values.clamp(max=cap)
+
+
+class PaperRandAugment(v2.RandAugment):
+    """torchvision's RandAugment with the magnitude on the scale the CoAtNet recipe's "RandAugment
+    (2, 15)" is written in: RandAugment's own, as its TensorFlow code and timm define it, where
+    level 10 is the strongest setting torchvision offers (rotate 30 degrees, shear 0.3, translate
+    0.45 of the side, enhance by a factor 1 +- 0.9, posterize to 4 bits, solarize all) and every
+    operation scales in proportion. Torchvision's own `magnitude=15` is half its scale of 30 bins
+    (level 5); here 15 is level 15: rotate 45 degrees, shear 0.45, translate 0.68 of the side,
+    posterize to 2 bits. Enhancement factors stay within 0.1 .. 1.9 (beyond, a factor 1 - 1.35 is
+    negative: a black image), solarize at threshold 0 and posterize at 1 bit."""
+
+    _AUGMENTATION_SPACE = {
+        "Identity": (lambda bins, height, width: None, False),
+        "ShearX": (lambda bins, height, width: _levels(0.3, bins), True),
+        "ShearY": (lambda bins, height, width: _levels(0.3, bins), True),
+        "TranslateX": (lambda bins, height, width: _levels(150.0 / 331.0 * width, bins), True),
+        "TranslateY": (lambda bins, height, width: _levels(150.0 / 331.0 * height, bins), True),
+        "Rotate": (lambda bins, height, width: _levels(30.0, bins), True),
+        "Brightness": (lambda bins, height, width: _levels(0.9, bins, cap=0.9), True),
+        "Color": (lambda bins, height, width: _levels(0.9, bins, cap=0.9), True),
+        "Contrast": (lambda bins, height, width: _levels(0.9, bins, cap=0.9), True),
+        "Sharpness": (lambda bins, height, width: _levels(0.9, bins, cap=0.9), True),
+        "Posterize": (lambda bins, height, width: (8 - _levels(4.0, bins).round()).clamp(min=1).int(), False),
+        "Solarize": (lambda bins, height, width: (1.0 - _levels(1.0, bins)).clamp(min=0.0), False),
+        "AutoContrast": (lambda bins, height, width: None, False),
+        "Equalize": (lambda bins, height, width: None, False),
+    }
+
+    def __init__(self, num_ops: int, magnitude: int, **kwargs):
+        super().__init__(num_ops=num_ops, magnitude=magnitude, num_magnitude_bins=magnitude + 1, **kwargs)
+
+
+class _RandAugment(PaperRandAugment):
+    """PaperRandAugment for PIL images of one size: the same draws of operations and signs from
     torch's generator, the same operations, the same result bit for bit, with less overhead:
     magnitudes are looked up once for the size, and Sharpness smooths with numpy instead of
     PIL's 3x3 filter (1 ms at 224 px, four times the next slowest operation)."""
