@@ -6,9 +6,10 @@ an ordinary resume measured in the same run; scaled to CoAtNet-7 at the end.
 
 1. `--workers` processes (torchrun) pretrain --model for 2 steps on the demo corpus and save a
    ZeRO-3 checkpoint (fp32 on the CPU: 4 bytes of weights + 12 of optimizer state per parameter).
-2. Checkpoints.convert runs ds_to_universal on it, as rank 0 does on a resize: wall time, peak
-   resident memory of the converter, and peak disk in the work folder (polled) against the
-   checkpoint's bytes.
+2. Checkpoints.convert runs ds_to_universal on it, as rank 0 does on a resize (its default
+   number of converter processes), then again with one process, the baseline: wall time of
+   each, peak resident memory of the converter, and peak disk in the work folder (polled)
+   against the checkpoint's bytes.
 3. One process resumes the checkpoint on 1 worker (the universal load) and, as the baseline,
    the same run resumes a checkpoint written by 1 worker (an ordinary load): each process's
    peak resident memory; the difference per parameter is what the universal loader adds.
@@ -89,6 +90,7 @@ def main() -> int:
         run(pretrain(args.workers, "wide", 2, torchrun), env)
         run(pretrain(1, "narrow", 2, [sys.executable]), env)
         checkpoints = Checkpoints(str(work / "wide" / "checkpoints"), {}, keep=2, rank=0, world_size=1)
+        processes = checkpoints.convert_workers
         tag, marker = checkpoints.choose()
         checkpoint_bytes = folder_bytes(work / "wide" / "checkpoints" / tag)
 
@@ -100,16 +102,23 @@ def main() -> int:
                 peak_disk[0] = max(peak_disk[0], folder_bytes(work / "wide" / "checkpoints" / "universal"))
                 time.sleep(0.1)
 
+        # Rank 0's step on a resize, in a process of its own so that its peak memory is its own:
+        # first with the converter's processes as a resize runs it, then with one, the baseline.
+        convert = ("import sys; from coatnet_scale.engine.checkpoint import Checkpoints; "
+                   "c = Checkpoints(sys.argv[1], {}, keep=2, rank=0, world_size=1, convert_workers=int(sys.argv[2]) or None); "
+                   "c.convert(*c.choose())")
+        universal = work / "wide" / "checkpoints" / "universal"
         watcher = threading.Thread(target=poll, daemon=True)
         watcher.start()
         start = time.monotonic()
-        # Rank 0's step on a resize, in a process of its own so that its peak memory is its own.
-        convert = ("import sys; from coatnet_scale.engine.checkpoint import Checkpoints; "
-                   "c = Checkpoints(sys.argv[1], {}, keep=2, rank=0, world_size=1); c.convert(*c.choose())")
-        converter_rss = peak_rss_of([sys.executable, "-c", convert, str(work / "wide" / "checkpoints")], env)
+        converter_rss = peak_rss_of([sys.executable, "-c", convert, str(work / "wide" / "checkpoints"), "0"], env)
         convert_seconds = time.monotonic() - start
         done.set()
         watcher.join()
+        shutil.rmtree(universal)
+        start = time.monotonic()
+        converter_rss_one = peak_rss_of([sys.executable, "-c", convert, str(work / "wide" / "checkpoints"), "1"], env)
+        convert_seconds_one = time.monotonic() - start
         universal_bytes = checkpoints._universal_marker(tag)["bytes"]
 
         # Loads: one process resumes each run for one more step; the difference is the universal loader's.
@@ -122,30 +131,37 @@ def main() -> int:
     report = {
         "model": args.model, "parameters": params, "checkpoint_bytes": checkpoint_bytes,
         "checkpoint_bytes_per_parameter": checkpoint_bytes / params, "convert_seconds": convert_seconds,
+        "convert_processes": processes, "convert_seconds_one_process": convert_seconds_one,
+        "converter_peak_rss_one_process": converter_rss_one,
         "universal_bytes": universal_bytes, "peak_disk_bytes": max(peak_disk[0], universal_bytes),
         "converter_peak_rss": converter_rss, "resume_universal_peak_rss": resumed, "resume_ordinary_peak_rss": ordinary,
         "universal_load_extra_bytes_per_parameter": extra / params,
     }
     GiB = 2**30
     print(f"checkpoint ({args.workers} ranks): {checkpoint_bytes / GiB:.3f} GiB = {report['checkpoint_bytes_per_parameter']:.1f} B/parameter")
-    print(f"conversion: {convert_seconds:.1f} s; universal copy {universal_bytes / GiB:.3f} GiB "
+    speedup = convert_seconds_one / convert_seconds
+    print(f"conversion: {convert_seconds:.1f} s with {processes} converter processes, {convert_seconds_one:.1f} s with one "
+          f"(the baseline): {speedup:.2f}x; universal copy {universal_bytes / GiB:.3f} GiB "
           f"({universal_bytes / checkpoint_bytes:.2f}x the checkpoint); peak disk {report['peak_disk_bytes'] / GiB:.3f} GiB "
           f"({report['peak_disk_bytes'] / checkpoint_bytes:.2f}x)"
-          + f"; converter peak memory {converter_rss / GiB:.2f} GiB ({converter_rss / checkpoint_bytes:.2f}x the checkpoint, "
-            f"{converter_rss / (checkpoint_bytes / args.workers):.1f}x one rank's files: it reads one rank's files, then "
-            f"one parameter's fragments, at a time)")
+          + f"; converter peak memory with one process {converter_rss_one / GiB:.2f} GiB ({converter_rss_one / checkpoint_bytes:.2f}x "
+            f"the checkpoint, {converter_rss_one / (checkpoint_bytes / args.workers):.1f}x one rank's files: it reads one rank's "
+            f"files, then one parameter's fragments, at a time), {converter_rss / GiB:.2f} GiB in the largest of {processes}")
     print(f"resume on 1 worker: universal {resumed / GiB:.2f} GiB peak against ordinary {ordinary / GiB:.2f} GiB "
           f"(ratio {resumed / ordinary:.2f}); the universal loader adds {extra / params:.1f} B/parameter per rank "
           f"(it reads one whole parameter at a time) but reads the whole universal copy on every rank: "
           f"{universal_bytes / GiB:.3f} GiB per rank against {checkpoint_bytes / args.workers / GiB:.3f} GiB "
           f"for an ordinary resume at {args.workers}")
     scale = COATNET_7 / params
-    print(f"CoAtNet-7 (2.44B parameters), scaled by parameters: conversion ~{convert_seconds * scale / 60:.0f} min on one such "
-          f"core, peak disk ~{report['peak_disk_bytes'] * scale / GiB:.0f} GiB; converter memory at most "
-          f"~{converter_rss * scale / GiB:.0f} GiB (as measured here, 2 ranks' files) and about "
-          f"{converter_rss / (checkpoint_bytes / args.workers) * checkpoint_bytes * scale / 256 / GiB:.1f} GiB if it scales "
-          f"with one of 256 ranks' files; the universal load adds ~{extra / params * COATNET_7 / GiB:.0f} GiB per rank and "
-          f"reads ~{universal_bytes / params * COATNET_7 / GiB:.0f} GiB on every rank (once per node from an object store)")
+    print(f"CoAtNet-7 (2.44B parameters), scaled by parameters: conversion ~{convert_seconds_one * scale / 60:.0f} min with "
+          f"one process, ~{convert_seconds * scale / 60:.0f} min with {processes} (a GPU node's 8: about "
+          f"{convert_seconds_one * scale / 60 / (8 * speedup / processes):.0f} min if each process adds what it added here); "
+          f"the other ranks wait for it in storage, not in a collective; peak disk "
+          f"~{report['peak_disk_bytes'] * scale / GiB:.0f} GiB; converter memory at most "
+          f"~{converter_rss_one * scale / GiB:.0f} GiB per process (as measured here, 2 ranks' files) and about "
+          f"{converter_rss_one / (checkpoint_bytes / args.workers) * checkpoint_bytes * scale / 256 / GiB:.1f} GiB if it "
+          f"scales with one of 256 ranks' files; the universal load adds ~{extra / params * COATNET_7 / GiB:.0f} GiB per rank "
+          f"and reads ~{universal_bytes / params * COATNET_7 / GiB:.0f} GiB on every rank (once per node from an object store)")
     print(json.dumps(report))
     return 0
 

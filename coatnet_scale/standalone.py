@@ -40,7 +40,7 @@ def init_process_group(use_gpu: bool):
     rank, world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if not dist.is_initialized():
-        # 30 minutes, as Ray Train's: rank 0 alone converts a checkpoint on a resize while the others wait.
+        # 30 minutes, as Ray Train's.
         timeout = timedelta(minutes=30)
         if use_gpu:
             torch.cuda.set_device(local_rank)

@@ -113,3 +113,58 @@ def test_damaged_marker_is_not_complete(tmp_path):
     make_checkpoint(tmp_path, 200, complete=False)
     (tmp_path / tag_for(200) / MARKER).write_text("")  # a crash while the marker was written
     assert Checkpoints(str(tmp_path), {}, keep=2, rank=0, world_size=2).latest() == tag_for(100)
+
+
+def _await_conversion(rank: int, folder: str, port: int, out: str, fail: bool) -> None:
+    """One rank of two in a gloo group whose collectives time out after 2 s; rank 0's
+    conversion takes 6 s (DeepSpeed's converter stood in for by a sleep: what is under test
+    is how the other rank waits for it)."""
+    import os
+    import time
+    from datetime import timedelta
+
+    import torch.distributed as dist
+
+    from coatnet_scale.storage import write_atomic
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=2, timeout=timedelta(seconds=2))
+    checkpoints = Checkpoints(folder, {}, keep=2, rank=rank, world_size=2)
+
+    def slow_convert(tag, marker):
+        time.sleep(6)
+        if fail:
+            raise ValueError(f"{tag}: no optimizer states")
+        universal = {"step": marker["step"], "source_world_size": marker["world_size"], "files": []}
+        write_atomic(checkpoints.fs, f"{checkpoints.root}/universal/{tag}/{MARKER}", json.dumps(universal).encode())
+        return universal
+
+    checkpoints.convert = slow_convert
+    started = time.monotonic()
+    try:
+        outcome = {"marker": checkpoints._universal(tag_for(4), {"step": 4, "world_size": 1}, poll_s=0.2)}
+    except RuntimeError as e:
+        outcome = {"error": str(e)}
+    outcome["waited"] = time.monotonic() - started
+    with open(f"{out}/{rank}.json", "w") as f:
+        json.dump(outcome, f)
+    dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("fail", [False, True])
+def test_ranks_wait_for_a_conversion_longer_than_the_group_timeout(tmp_path, unused_tcp_port, fail):
+    """On a resize rank 0 alone converts (about 50 min single-threaded for CoAtNet-7, past the
+    30-min group timeout); the others wait in storage for its marker or its error, so a long
+    conversion neither times out their group nor leaves them waiting on a failed one."""
+    import torch.multiprocessing as mp
+
+    make_checkpoint(tmp_path / "checkpoints", 4)
+    mp.spawn(_await_conversion, args=(str(tmp_path / "checkpoints"), unused_tcp_port, str(tmp_path), fail), nprocs=2)
+    waiting = json.loads((tmp_path / "1.json").read_text())
+    assert waiting["waited"] > 5  # past the 2 s timeout, still waiting
+    if fail:
+        assert waiting["error"] == (f"cannot convert {tmp_path / 'checkpoints'}/step_000000004 for 2 workers: "
+                                    "ValueError: step_000000004: no optimizer states")
+        assert json.loads((tmp_path / "0.json").read_text())["error"] == waiting["error"]
+    else:
+        assert waiting["marker"] == {"step": 4, "source_world_size": 1, "files": []}

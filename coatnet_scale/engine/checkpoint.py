@@ -29,6 +29,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import uuid
 
 import torch
 import torch.distributed as dist
@@ -46,13 +47,15 @@ def tag_for(step: int) -> str:
 
 class Checkpoints:
     def __init__(self, url: str, storage_options: dict, keep: int, rank: int, world_size: int,
-                 metadata: dict | None = None, local_rank: int = 0):
+                 metadata: dict | None = None, local_rank: int = 0, convert_workers: int | None = None):
         self.url = url.rstrip("/")
         self.metadata = metadata or {}  # recorded in every marker, e.g. the model section for fine-tuning
         self.fs, self.root = url_to_fs(self.url, storage_options)
         self.root = self.root.rstrip("/")
         self.keep, self.rank, self.world_size, self.local_rank = keep, rank, world_size, local_rank
         self.local = isinstance(self.fs, LocalFileSystem)
+        # ds_to_universal's processes, each reading one rank's files or merging one parameter at a time.
+        self.convert_workers = convert_workers or min(8, os.cpu_count() or 1)
 
     def _staging(self):
         """Where this rank writes or reads before an upload or after a download: the store
@@ -207,20 +210,34 @@ class Checkpoints:
                 }
             return state
 
-    def _universal(self, tag: str, marker: dict) -> dict:
+    def _universal(self, tag: str, marker: dict, poll_s: float = 5.0) -> dict:
         """Collective: the marker of `tag`'s universal conversion, made by rank 0 alone if no
-        complete one is there yet; every rank learns the marker or the error."""
-        outcome: list = [None, None]
+        complete one is there yet; every rank learns the marker or the error. The others wait
+        for it in storage, not in a collective, whose timeout (30 min) a conversion of the
+        largest models can outlast."""
+        found = [self._universal_marker(tag) if self.rank == 0 else None, uuid.uuid4().hex]
+        if self.world_size > 1:
+            dist.broadcast_object_list(found, src=0)
+        universal, attempt = found
+        if universal is not None:
+            return universal
+        failed = f"{self.root}/{UNIVERSAL}/{tag}.failed-{attempt}.json"  # this attempt's, pruned with the tag
         if self.rank == 0:
             try:
-                outcome[0] = self._universal_marker(tag) or self.convert(tag, marker)
+                return self.convert(tag, marker)
             except Exception as e:
-                outcome[1] = f"{type(e).__name__}: {e}"
-        if self.world_size > 1:
-            dist.broadcast_object_list(outcome, src=0)  # the others wait here while rank 0 converts
-        if outcome[1] is not None:
-            raise RuntimeError(f"cannot convert {self.url}/{tag} for {self.world_size} workers: {outcome[1]}")
-        return outcome[0]
+                error = f"{type(e).__name__}: {e}"
+                if self.world_size > 1:
+                    write_atomic(self.fs, failed, json.dumps({"error": error}).encode())
+                raise RuntimeError(f"cannot convert {self.url}/{tag} for {self.world_size} workers: {error}") from e
+        while (universal := self._universal_marker(tag)) is None:
+            try:
+                error = json.loads(self.fs.cat_file(failed))["error"]
+            except FileNotFoundError:
+                time.sleep(poll_s)
+                continue
+            raise RuntimeError(f"cannot convert {self.url}/{tag} for {self.world_size} workers: {error}")
+        return universal
 
     def _universal_marker(self, tag: str) -> dict | None:
         try:
@@ -251,7 +268,8 @@ class Checkpoints:
             try:
                 result = subprocess.run(
                     [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder", source,
-                     "--output_folder", out, "--num_extract_workers", "1", "--num_merge_workers", "1"],
+                     "--output_folder", out, "--num_extract_workers", str(self.convert_workers),
+                     "--num_merge_workers", str(self.convert_workers)],
                     capture_output=True, text=True)
                 if result.returncode != 0:
                     raise RuntimeError(f"ds_to_universal failed: {(result.stderr or result.stdout).strip()[-2000:]}")
