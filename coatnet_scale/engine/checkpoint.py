@@ -179,13 +179,20 @@ class Checkpoints:
     # -- another world size: DeepSpeed's universal checkpoint -----------------------------------
 
     def _load_resharded(self, engine, tag: str, marker: dict) -> dict:
-        from coatnet_scale.engine.reshard import reshard_partitions
+        from coatnet_scale.engine.reshard import reshard_partitions, source_ranks
 
         universal = self._universal(tag, marker)
         with self._node_copy(f"{UNIVERSAL}/{tag}", universal) as folder:
             engine.load_checkpoint(os.path.dirname(folder), tag=tag, load_optimizer_states=True,
                                    load_lr_scheduler_states=True)
-        names = [f"trainer_state_rank{r}.pt" for r in range(marker["world_size"])]
+        old = marker["world_size"]
+        # Old ranks' trainer states: rank 0's (step, loader position), this rank's own (RNG), and
+        # under ZeRO-3 those whose EMA partitions overlap this rank's new one: about old / new.
+        zero3 = all(hasattr(p, "ds_numel") for p in engine.module.parameters())
+        numels = {n: p.ds_numel for n, p in engine.module.named_parameters()} if zero3 else {}
+        sources = source_ranks(numels, old, self.rank, self.world_size) if zero3 else []
+        ranks = sorted({0, *sources, *([self.rank] if self.rank < old else [])})
+        names = [f"trainer_state_rank{r}.pt" for r in ranks]
         with self._staging() as load_dir:
             folder = os.path.join(load_dir, tag)
             if not self.local:
@@ -193,20 +200,22 @@ class Checkpoints:
                 for name in names:
                     self.fs.get_file(f"{self.root}/{tag}/{name}", os.path.join(folder, name))
             verify_files(f"{self.url}/{tag}", marker, folder, names)
-            states = [torch.load(os.path.join(folder, n), map_location="cpu", weights_only=True, mmap=True) for n in names]
+            states = {r: torch.load(os.path.join(folder, n), map_location="cpu", weights_only=True, mmap=True)
+                      for r, n in zip(ranks, names)}
             state = {k: v for k, v in states[0].items() if k not in ("rng", "ema")}
-            state["rng"] = states[self.rank]["rng"] if self.rank < len(states) else None
-            zero3 = all(hasattr(p, "ds_numel") for p in engine.module.parameters())
-            if all("ema" in s for s in states) and not zero3:  # stages 0-2: every rank holds it whole
+            state["rng"] = states[self.rank]["rng"] if self.rank < old else None
+            if "ema" in states[0] and not zero3:  # stages 0-2: every rank holds it whole
                 state["ema"] = states[0]["ema"]
-            elif all("ema" in s for s in states):
-                numels = {n: p.ds_numel for n, p in engine.module.named_parameters()}
-                emas = [s["ema"] for s in states]
+            elif "ema" in states[0]:
+                emas = {r: states[r]["ema"] for r in sources} or {0: states[0]["ema"]}  # none: all padding
                 state["ema"] = {
-                    "decay": emas[0]["decay"],
-                    "params": reshard_partitions([e["params"] for e in emas], numels, self.rank, self.world_size),
-                    # Each rank's BatchNorm statistics are its own; a new group starts from their mean.
-                    "buffers": {n: torch.stack([e["buffers"][n] for e in emas]).mean(0) for n in emas[0]["buffers"]},
+                    "decay": states[0]["ema"]["decay"],
+                    "params": reshard_partitions({r: e["params"] for r, e in emas.items()}, numels, old, self.rank,
+                                                 self.world_size),
+                    # Each rank's BatchNorm statistics are its own (evaluation averages them over
+                    # the group); a new rank starts from the mean of those it takes partitions from.
+                    "buffers": {n: torch.stack([e["buffers"][n] for e in emas.values()]).mean(0)
+                                for n in states[0]["ema"]["buffers"]},
                 }
             return state
 
