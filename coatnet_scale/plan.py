@@ -191,13 +191,16 @@ def parse_size(text: str) -> int:
 
 
 def model_states(params: int, largest_layer: int, world_size: int, dtype_bytes: int = 2,
-                 reduce_bucket_size: int = 50_000_000) -> dict[str, float]:
+                 reduce_bucket_size: int = 50_000_000, hpz: int = 1) -> dict[str, float]:
     """Per-GPU bytes of ZeRO-3's model states: the partitions (BYTES_PER_PARAM for bf16; an
-    fp32 run keeps 4-byte parameters beside the fp32 master), the gathered largest layer, and
+    fp32 run keeps 4-byte parameters beside the fp32 master), with hpZ the secondary copy of
+    the working parameters partitioned over `hpz` GPUs only, the gathered largest layer, and
     the gradient reduce bucket DeepSpeed allocates whole (deepspeed.reduce_bucket_size
     elements in the working dtype: 191 MiB measured in an fp32 run at the default)."""
     per_param = {**BYTES_PER_PARAM, "parameters": dtype_bytes + 4}
     states = {name: bytes_ * params / world_size for name, bytes_ in per_param.items()}
+    if hpz > 1:
+        states["hpZ secondary copy"] = dtype_bytes * params / hpz
     states["working set (largest layer)"] = 2 * dtype_bytes * largest_layer  # gathered weights + their gradients
     states["reduce bucket"] = dtype_bytes * reduce_bucket_size
     return states
@@ -227,7 +230,8 @@ def plan(config, gpus: int, gpu_memory: int, peak_tflops: float, mfu: float) -> 
     with torch.device("meta"):
         params = count_parameters(create_model(m.name, m.num_classes, m.image_size))
     largest = largest_layer_params(m.name, m.num_classes)
-    states = model_states(params, largest, gpus, reduce_bucket_size=config.deepspeed.reduce_bucket_size)
+    states = model_states(params, largest, gpus, reduce_bucket_size=config.deepspeed.reduce_bucket_size,
+                          hpz=config.deepspeed.zero_hpz_partition_size)
     state_total = sum(states.values())
     policy = Checkpointing(m.checkpointing.every, tuple(m.checkpointing.stages))
     profile = activation_profile(m.name, m.image_size, policy, num_classes=m.num_classes)

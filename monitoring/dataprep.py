@@ -48,6 +48,7 @@ class DataprepMetrics:
         if self.exporter is None:
             return
         if linger_seconds:
+            print(f"dataprep: serving the final counts for {linger_seconds:g} s more (Ctrl-C ends it)", flush=True)
             linger(linger_seconds)
         self.exporter.stop()
         self.exporter = None

@@ -12,6 +12,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.parse
 import urllib.request
@@ -402,19 +403,38 @@ def test_dataprep_serves_its_counts(tmp_path):
     port = _free_port()
     process = subprocess.Popen(
         [sys.executable, "-m", "dataprep", str(source), str(dest), "--samples-per-shard", "5", "--workers", "1",
-         "--metrics-port", str(port), "--metrics-linger", "60"],
+         "--metrics-port", str(port), "--metrics-linger", "20"],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=REPO,
+        env={**os.environ, "PYTHONFAULTHANDLER": "1"},  # SIGABRT prints every thread's stack
     )
+    lines: list[str] = []
+
+    def read() -> None:
+        for line in process.stdout:
+            lines.append(line)
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
     try:
         deadline, counts = time.monotonic() + 120, None
         while time.monotonic() < deadline and process.poll() is None:
-            if (dest / "manifest.json").exists():
+            # Lingering: the dataset is complete and the counts final. A Ctrl-C before that
+            # would interrupt the run itself.
+            if any(line.startswith("dataprep: serving the final counts") for line in lines[:]):
                 counts = _scrape(f"http://127.0.0.1:{port}/metrics")
                 break
             time.sleep(0.2)
-        assert counts is not None, "dataprep did not finish while serving /metrics"
-        process.send_signal(signal.SIGINT)  # ends the linger
-        output, _ = process.communicate(timeout=30)
+        assert counts is not None, "dataprep did not finish while serving /metrics:\n" + "".join(lines)[-3000:]
+        process.send_signal(signal.SIGINT)  # ends the linger (which ends by itself after 20 s anyway)
+        try:
+            process.wait(timeout=90)
+        except subprocess.TimeoutExpired:  # once in CI it outlived a 30 s wait: say where it was
+            process.send_signal(signal.SIGABRT)
+            process.wait(timeout=30)
+            reader.join(timeout=10)
+            raise AssertionError("dataprep still running 90 s after SIGINT:\n" + "".join(lines)[-6000:]) from None
+        reader.join(timeout=30)
+        output = "".join(lines)
     finally:
         if process.poll() is None:
             process.kill()
