@@ -191,36 +191,40 @@ def parse_size(text: str) -> int:
 
 
 def model_states(params: int, largest_layer: int, world_size: int, dtype_bytes: int = 2,
-                 reduce_bucket_size: int = 50_000_000, hpz: int = 1) -> dict[str, float]:
+                 reduce_bucket_size: int = 50_000_000) -> dict[str, float]:
     """Per-GPU bytes of ZeRO-3's model states: the partitions (BYTES_PER_PARAM for bf16; an
-    fp32 run keeps 4-byte parameters beside the fp32 master), with hpZ the secondary copy of
-    the working parameters partitioned over `hpz` GPUs only, the gathered largest layer, and
+    fp32 run keeps 4-byte parameters beside the fp32 master), the gathered largest layer, and
     the gradient reduce bucket DeepSpeed allocates whole (deepspeed.reduce_bucket_size
     elements in the working dtype: 191 MiB measured in an fp32 run at the default)."""
     per_param = {**BYTES_PER_PARAM, "parameters": dtype_bytes + 4}
     states = {name: bytes_ * params / world_size for name, bytes_ in per_param.items()}
-    if hpz > 1:
-        states["hpZ secondary copy"] = dtype_bytes * params / hpz
     states["working set (largest layer)"] = 2 * dtype_bytes * largest_layer  # gathered weights + their gradients
     states["reduce bucket"] = dtype_bytes * reduce_bucket_size
     return states
 
 
+def hpz_copy_bytes(params: int, hpz: int, dtype_bytes: int = 2) -> float:
+    """hpZ's secondary copy of the working parameters, partitioned over `hpz` GPUs only: made
+    by the forward's gathers, dropped after the optimizer step (DeepSpeed's
+    invalidate_secondary_tensor), so it counts beside the activations, not the step."""
+    return dtype_bytes * params / hpz if hpz > 1 else 0.0
+
+
 def predicted_allocated_bytes(model_name: str, image_size: int, micro_batch: int, checkpointing: Checkpointing,
                               dtype_bytes: int = 2, world_size: int = 1, num_classes: int = 1000,
-                              reduce_bucket_size: int = 50_000_000, device: str = "cuda") -> int:
+                              reduce_bucket_size: int = 50_000_000, device: str = "cuda", hpz: int = 1) -> int:
     """The planner's peak allocated bytes per GPU for a ZeRO-3 training step (AdamW, mixed
     precision with `dtype_bytes` per activation and working weight, 2 for bf16) at this
     micro-batch: model states (`model_states`) plus the higher of the activation peak
-    (`activation_profile`) and the optimizer step's temporaries (`optimizer_step_bytes`), BEFORE
-    the fragmentation reserve (RESERVED) that `plan` holds back. Compare it with
-    torch.cuda.max_memory_allocated() over a step after the first."""
+    (`activation_profile`, with hpZ's secondary copy) and the optimizer step's temporaries
+    (`optimizer_step_bytes`), BEFORE the fragmentation reserve (RESERVED) that `plan` holds
+    back. Compare it with torch.cuda.max_memory_allocated() over a step after the first."""
     with torch.device("meta"):
         params = count_parameters(create_model(model_name, num_classes, image_size))
     states = model_states(params, largest_layer_params(model_name, num_classes), world_size, dtype_bytes,
                           reduce_bucket_size)
     profile = activation_profile(model_name, image_size, checkpointing, dtype_bytes, num_classes, device)
-    activations = profile.total(bool(checkpointing.every), micro_batch)
+    activations = profile.total(bool(checkpointing.every), micro_batch) + hpz_copy_bytes(params, hpz, dtype_bytes)
     transient = max(activations, optimizer_step_bytes(params, world_size, device))
     return round(sum(states.values()) + transient)
 
@@ -230,26 +234,26 @@ def plan(config, gpus: int, gpu_memory: int, peak_tflops: float, mfu: float) -> 
     with torch.device("meta"):
         params = count_parameters(create_model(m.name, m.num_classes, m.image_size))
     largest = largest_layer_params(m.name, m.num_classes)
-    states = model_states(params, largest, gpus, reduce_bucket_size=config.deepspeed.reduce_bucket_size,
-                          hpz=config.deepspeed.zero_hpz_partition_size)
+    states = model_states(params, largest, gpus, reduce_bucket_size=config.deepspeed.reduce_bucket_size)
     state_total = sum(states.values())
     policy = Checkpointing(m.checkpointing.every, tuple(m.checkpointing.stages))
     profile = activation_profile(m.name, m.image_size, policy, num_classes=m.num_classes)
     checkpointed = bool(policy.every)
     per_image = {"without checkpointing": profile.per_image(False), "with checkpointing": profile.per_image(True)}
     activations = profile.total(checkpointed, t.micro_batch_size)
+    hpz_copy = hpz_copy_bytes(params, config.deepspeed.zero_hpz_partition_size)
     optimizer_step = optimizer_step_bytes(params, gpus)
-    allocated = state_total + max(activations, optimizer_step)
+    allocated = state_total + max(activations + hpz_copy, optimizer_step)
     usable = gpu_memory * (1 - RESERVED)
     largest_micro = 0
-    if state_total + optimizer_step <= usable:
-        largest_micro = profile.largest_batch(checkpointed, usable - state_total)
+    if state_total + max(optimizer_step, hpz_copy) <= usable:
+        largest_micro = profile.largest_batch(checkpointed, usable - state_total - hpz_copy)
     forward = count_flops(m.name, m.image_size, m.num_classes)
     passes = 4 if policy.every else 3  # forward + backward (2x), + the recomputed forward
     step_flops = forward * passes * t.global_batch_size
     return {
         "params": params, "states": states, "state_total": state_total, "per_image": per_image,
-        "micro_batch": t.micro_batch_size, "activations": activations, "optimizer_step": optimizer_step,
+        "micro_batch": t.micro_batch_size, "activations": activations, "hpz_copy": hpz_copy, "optimizer_step": optimizer_step,
         "allocated": allocated, "fits": allocated <= usable, "largest_micro_batch": largest_micro,
         "usable": usable, "step_flops": step_flops, "step_seconds": step_flops / (gpus * peak_tflops * 1e12 * mfu),
         "largest_layer": largest,
@@ -444,6 +448,8 @@ def main(argv: list[str] | None = None) -> int:
     for name, value in r["per_image"].items():
         print(f"  activations per image, {name:<22}{value / 2**20:9.1f} MiB")
     print(f"  activations, micro-batch {r['micro_batch']:<16}{r['activations'] / GiB:9.2f} GiB (as configured)")
+    if r["hpz_copy"]:
+        print(f"  {'hpZ secondary copy':<30}{r['hpz_copy'] / GiB:9.2f} GiB (forward and backward, beside the activations)")
     print(f"  {'optimizer step (transient)':<30}{r['optimizer_step'] / GiB:9.2f} GiB (after the backward: the higher counts)")
     verdict = "fits" if r["fits"] else "DOES NOT FIT"
     print(f"  {verdict} in {r['usable'] / GiB:.1f} GiB usable ({RESERVED:.0%} reserved); largest micro-batch: {r['largest_micro_batch']}")
