@@ -6,9 +6,8 @@ an ordinary resume measured in the same run; scaled to CoAtNet-7 at the end.
 
 1. `--workers` processes (torchrun) pretrain --model for 2 steps on the demo corpus and save a
    ZeRO-3 checkpoint (fp32 on the CPU: 4 bytes of weights + 12 of optimizer state per parameter).
-2. Checkpoints.convert runs ds_to_universal on it, as rank 0 does on a resize (its default
-   number of converter processes), then again with one process, the baseline: wall time of
-   each, peak resident memory of the converter, and peak disk in the work folder (polled)
+2. Checkpoints.convert runs ds_to_universal on it as rank 0 does on a resize (one process, the
+   baseline) and with one process per core: wall time of each, peak resident memory of the converter, and peak disk in the work folder (polled)
    against the checkpoint's bytes.
 3. One process resumes the checkpoint on 1 worker (the universal load) and, as the baseline,
    the same run resumes a checkpoint written by 1 worker (an ordinary load): each process's
@@ -90,7 +89,7 @@ def main() -> int:
         run(pretrain(args.workers, "wide", 2, torchrun), env)
         run(pretrain(1, "narrow", 2, [sys.executable]), env)
         checkpoints = Checkpoints(str(work / "wide" / "checkpoints"), {}, keep=2, rank=0, world_size=1)
-        processes = checkpoints.convert_workers
+        processes = max(2, os.cpu_count() or 1)
         tag, marker = checkpoints.choose()
         checkpoint_bytes = folder_bytes(work / "wide" / "checkpoints" / tag)
 
@@ -103,15 +102,15 @@ def main() -> int:
                 time.sleep(0.1)
 
         # Rank 0's step on a resize, in a process of its own so that its peak memory is its own:
-        # first with the converter's processes as a resize runs it, then with one, the baseline.
+        # with one converter process per core, then with one (what a resize runs), the baseline.
         convert = ("import sys; from coatnet_scale.engine.checkpoint import Checkpoints; "
-                   "c = Checkpoints(sys.argv[1], {}, keep=2, rank=0, world_size=1, convert_workers=int(sys.argv[2]) or None); "
+                   "c = Checkpoints(sys.argv[1], {}, keep=2, rank=0, world_size=1, convert_workers=int(sys.argv[2])); "
                    "c.convert(*c.choose())")
         universal = work / "wide" / "checkpoints" / "universal"
         watcher = threading.Thread(target=poll, daemon=True)
         watcher.start()
         start = time.monotonic()
-        converter_rss = peak_rss_of([sys.executable, "-c", convert, str(work / "wide" / "checkpoints"), "0"], env)
+        converter_rss = peak_rss_of([sys.executable, "-c", convert, str(work / "wide" / "checkpoints"), str(processes)], env)
         convert_seconds = time.monotonic() - start
         done.set()
         watcher.join()
@@ -154,11 +153,10 @@ def main() -> int:
           f"for an ordinary resume at {args.workers}")
     scale = COATNET_7 / params
     print(f"CoAtNet-7 (2.44B parameters), scaled by parameters: conversion ~{convert_seconds_one * scale / 60:.0f} min with "
-          f"one process, ~{convert_seconds * scale / 60:.0f} min with {processes} (a GPU node's 8: about "
-          f"{convert_seconds_one * scale / 60 / (8 * speedup / processes):.0f} min if each process adds what it added here); "
+          f"one process, ~{convert_seconds * scale / 60:.0f} min with {processes} on this machine's cores; "
           f"the other ranks wait for it in storage, not in a collective; peak disk "
           f"~{report['peak_disk_bytes'] * scale / GiB:.0f} GiB; converter memory at most "
-          f"~{converter_rss_one * scale / GiB:.0f} GiB per process (as measured here, 2 ranks' files) and about "
+          f"~{converter_rss_one * scale / GiB:.0f} GiB per process (as measured here, {args.workers} ranks' files) and about "
           f"{converter_rss_one / (checkpoint_bytes / args.workers) * checkpoint_bytes * scale / 256 / GiB:.1f} GiB if it "
           f"scales with one of 256 ranks' files; the universal load adds ~{extra / params * COATNET_7 / GiB:.0f} GiB per rank "
           f"and reads ~{universal_bytes / params * COATNET_7 / GiB:.0f} GiB on every rank (once per node from an object store)")

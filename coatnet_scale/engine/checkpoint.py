@@ -54,8 +54,9 @@ class Checkpoints:
         self.root = self.root.rstrip("/")
         self.keep, self.rank, self.world_size, self.local_rank = keep, rank, world_size, local_rank
         self.local = isinstance(self.fs, LocalFileSystem)
-        # ds_to_universal's processes, each reading one rank's files or merging one parameter at a time.
-        self.convert_workers = convert_workers or min(8, os.cpu_count() or 1)
+        # ds_to_universal's processes. One: more measured no faster on 2 cores (0.95x with 2 for 2
+        # and 4 ranks' files, benchmarks/reshard_cost.py) and each holds its own working set.
+        self.convert_workers = convert_workers or 1
 
     def _staging(self):
         """Where this rank writes or reads before an upload or after a download: the store
