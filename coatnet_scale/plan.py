@@ -212,19 +212,19 @@ def hpz_copy_bytes(params: int, hpz: int, dtype_bytes: int = 2) -> float:
 
 def predicted_allocated_bytes(model_name: str, image_size: int, micro_batch: int, checkpointing: Checkpointing,
                               dtype_bytes: int = 2, world_size: int = 1, num_classes: int = 1000,
-                              reduce_bucket_size: int = 50_000_000, device: str = "cuda", hpz: int = 1) -> int:
+                              reduce_bucket_size: int = 50_000_000, device: str = "cuda") -> int:
     """The planner's peak allocated bytes per GPU for a ZeRO-3 training step (AdamW, mixed
     precision with `dtype_bytes` per activation and working weight, 2 for bf16) at this
-    micro-batch: model states (`model_states`) plus the higher of the activation peak
-    (`activation_profile`, with hpZ's secondary copy) and the optimizer step's temporaries
-    (`optimizer_step_bytes`), BEFORE the fragmentation reserve (RESERVED) that `plan` holds
-    back. Compare it with torch.cuda.max_memory_allocated() over a step after the first."""
+    micro-batch, without hpZ: model states (`model_states`) plus the higher of the activation
+    peak (`activation_profile`) and the optimizer step's temporaries (`optimizer_step_bytes`),
+    BEFORE the fragmentation reserve (RESERVED) that `plan` holds back. Compare it with
+    torch.cuda.max_memory_allocated() over a step after the first."""
     with torch.device("meta"):
         params = count_parameters(create_model(model_name, num_classes, image_size))
     states = model_states(params, largest_layer_params(model_name, num_classes), world_size, dtype_bytes,
                           reduce_bucket_size)
     profile = activation_profile(model_name, image_size, checkpointing, dtype_bytes, num_classes, device)
-    activations = profile.total(bool(checkpointing.every), micro_batch) + hpz_copy_bytes(params, hpz, dtype_bytes)
+    activations = profile.total(bool(checkpointing.every), micro_batch)
     transient = max(activations, optimizer_step_bytes(params, world_size, device))
     return round(sum(states.values()) + transient)
 
