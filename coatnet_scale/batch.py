@@ -1,12 +1,13 @@
 """The batch a worker group of a given size runs (the lowest layer: plain arithmetic).
 
 `train.global_batch_size` is what a run keeps; `train.micro_batch_size` is the most one worker
-takes in one pass. At any worker count the configured global batch is kept exactly when some
-micro-batch no larger than the configured one and a whole number of accumulation steps make it
-(4096 on 256 workers: 16 x 1; on 128: 32 x 1, or 16 x 2 when the micro-batch is 16). Otherwise
-the nearest attainable batch within `train.elastic_batch_tolerance` is used, with the learning
-rate scaled linearly (4096 on 255 workers: 16 x 255 = 4080, 0.4% off); beyond it the worker
-count is refused, naming counts that would work. DeepSpeed's `elasticity` config solves the
+takes in one pass, and half of it the least (`train.elastic_min_micro_batch`). At any worker
+count the configured global batch is kept exactly when such a micro-batch and a whole number
+of accumulation steps make it (4096 on 256 workers: 16 x 1; on 128: 32 x 1, or 16 x 2 when the
+micro-batch is 16). Otherwise the nearest attainable batch within
+`train.elastic_batch_tolerance` (default 7%) is used, with the learning rate scaled linearly
+(4096 on 255 workers: 16 x 1 x 255 = 4080, 0.4% off; on 240: 9 x 2 x 240 = 4320, 5.5% off);
+beyond it the worker count is refused, naming counts that would work. DeepSpeed's `elasticity` config solves the
 same problem ahead of time, for a list of micro-batches; here the group's size decides.
 """
 from __future__ import annotations
@@ -35,19 +36,70 @@ class BatchPlan:
 
 
 def batch_plan(train, world_size: int, max_workers: int, min_workers: int = 1) -> BatchPlan:
-    """How `world_size` workers make (or come nearest to) `train.global_batch_size`."""
-    wanted, largest_micro = train.global_batch_size, train.micro_batch_size
-    per_worker = wanted // world_size if wanted % world_size == 0 else max(1, round(wanted / world_size))
-    attained = per_worker * world_size
+    """How `world_size` workers make (or come nearest to) `train.global_batch_size`.
+
+    The micro-batch is chosen first, then the accumulation: under ZeRO-3 every micro-step
+    gathers every parameter, and BatchNorm normalises over the micro-batch, so a group never
+    runs micro-batch 1 x 17 steps to hit a number. Candidates are every micro-batch from the
+    configured one down to `train.elastic_min_micro_batch` (default: half the configured one),
+    each with the whole numbers of steps around the batch, and, where the per-worker batch is
+    small, that batch in one pass. The nearest to the configured global batch wins, the larger
+    micro-batch on a tie; beyond `train.elastic_batch_tolerance` the count is refused."""
+    wanted = train.global_batch_size
+    micro, steps, smallest = _nearest(train, world_size)
+    attained = world_size * micro * steps
     if attained != wanted and abs(attained - wanted) / wanted > train.elastic_batch_tolerance:
-        fits = [n for n in range(max_workers, min_workers - 1, -1) if wanted % n == 0]
+        fits = [n for n in range(max_workers, min_workers - 1, -1) if _nearest_batch(train, n) == wanted]
         raise ElasticBatchError(
-            f"train.global_batch_size={wanted} cannot be made by {world_size} workers (the nearest is {attained}, "
-            f"{abs(attained - wanted) / wanted:.2%} off); worker counts that make it: "
-            f"{', '.join(map(str, fits[:12])) or 'none in range'}; or allow the difference with "
-            f"train.elastic_batch_tolerance")
-    micro = max(d for d in range(1, min(largest_micro, per_worker) + 1) if per_worker % d == 0)
-    return BatchPlan(world_size, micro, per_worker // micro, attained, attained / wanted)
+            f"train.global_batch_size={wanted} cannot be made by {world_size} workers with micro-batches of "
+            f"{smallest}..{train.micro_batch_size} (the nearest is {attained}, {abs(attained - wanted) / wanted:.2%} "
+            f"off); worker counts that make it: {', '.join(map(str, fits[:12])) or 'none in range'}; or allow the "
+            f"difference with train.elastic_batch_tolerance, or smaller micro-batches with train.elastic_min_micro_batch")
+    return BatchPlan(world_size, micro, steps, attained, attained / wanted)
+
+
+def _nearest(train, world_size: int) -> tuple[int, int, int]:
+    """(micro-batch, accumulation, smallest micro-batch allowed) nearest the global batch."""
+    wanted, largest = train.global_batch_size, train.micro_batch_size
+    smallest = min(largest, train.elastic_min_micro_batch or (largest + 1) // 2)
+    candidates = {(micro, steps) for micro in range(smallest, largest + 1)
+                  for steps in {max(1, wanted // (world_size * micro)), -(-wanted // (world_size * micro))}}
+    # A per-worker batch below the smallest micro-batch: all of it in one pass.
+    candidates |= {(per_worker, 1) for per_worker in (wanted // world_size, -(-wanted // world_size))
+                   if 1 <= per_worker <= largest}
+    micro, steps = min(candidates, key=lambda c: (abs(world_size * c[0] * c[1] - wanted), -c[0], c[1]))
+    return micro, steps, smallest
+
+
+def _nearest_batch(train, world_size: int) -> int:
+    micro, steps, _ = _nearest(train, world_size)
+    return world_size * micro * steps
+
+
+def describe_sizes(train, min_workers: int, max_workers: int) -> list[str]:
+    """What each group size from max_workers down to min_workers runs, consecutive sizes with
+    the same micro-batch and accumulation on one line; sizes that cannot run say so."""
+    rows: list[tuple[int, int, str]] = []  # (first size, last size, what it runs)
+    for size in range(max_workers, min_workers - 1, -1):
+        try:
+            plan = batch_plan(train, size, max_workers, min_workers)
+            what = f"micro-batch {plan.micro_batch_size} x {plan.grad_accum_steps}"
+        except ElasticBatchError:
+            plan, what = None, "cannot make the batch"
+        if rows and rows[-1][2] == what:
+            rows[-1] = (rows[-1][0], size, what)
+        else:
+            rows.append((size, size, what))
+    lines = []
+    for first, last, what in rows:
+        sizes = f"{first}" if first == last else f"{first}..{last}"
+        if what == "cannot make the batch":
+            lines.append(f"{sizes} workers: cannot make the batch")
+            continue
+        batches = sorted({batch_plan(train, n, max_workers, min_workers).global_batch_size for n in range(last, first + 1)})
+        shown = f"{batches[0]}" if len(batches) == 1 else f"{batches[0]}..{batches[-1]}"
+        lines.append(f"{sizes} workers: {what} = global {shown}")
+    return lines
 
 
 def apply_batch_plan(config, plan: BatchPlan):

@@ -93,9 +93,15 @@ class TrainConfig(Section):
     stop_at_step: int | None = Field(
         None, ge=1, description="end this job after this step, with a checkpoint; rerun to continue (time-boxed jobs)"
     )
+    # 7%: with micro-batches from the configured one down to half of it, every group size from
+    # half the configured workers to all of them finds a batch (coatnet_scale/batch.py; checked
+    # for the shipped configs in tests/test_elastic.py), so a reclaimed node never stops a run.
     elastic_batch_tolerance: float = Field(
-        0.0, ge=0.0, lt=1.0, description="at a worker count that cannot make global_batch_size exactly, use the nearest "
-                                         "attainable batch within this fraction of it (lr scaled alike); 0: refuse")
+        0.07, ge=0.0, lt=1.0, description="at a worker count that cannot make global_batch_size exactly, use the nearest "
+                                          "attainable batch within this fraction of it (lr scaled alike); 0: refuse")
+    elastic_min_micro_batch: int | None = Field(
+        None, ge=1, description="the smallest micro-batch an elastic group may run (default: half micro_batch_size); "
+                                "smaller means more accumulation steps, each a full ZeRO-3 parameter gather")
 
 
 class ClusterConfig(Section):
@@ -168,7 +174,7 @@ class StorageConfig(Section):
 
 
 class MonitoringConfig(Section):
-    """Prometheus metrics: every training worker serves /metrics (README, Monitoring)."""
+    """Prometheus metrics: every training worker serves /metrics (docs/monitoring.md)."""
 
     enabled: bool = True
     address: str = Field("127.0.0.1", description="interface the exporters bind; node: each node's Ray address (workers on "

@@ -23,7 +23,7 @@ TORCHRUN = str(Path(sys.executable).parent / "torchrun")
 
 
 def test_batch_kept_exactly_or_nearest_within_tolerance():
-    train = TrainConfig(global_batch_size=4096, micro_batch_size=16, grad_accum_steps=1)
+    train = TrainConfig(global_batch_size=4096, micro_batch_size=16, grad_accum_steps=1, elastic_batch_tolerance=0)
     full = batch_plan(train, 256, 256)
     assert (full.micro_batch_size, full.grad_accum_steps, full.lr_scale) == (16, 1, 1.0)
     half = batch_plan(train, 128, 256)
@@ -32,6 +32,36 @@ def test_batch_kept_exactly_or_nearest_within_tolerance():
         batch_plan(train, 255, 256)
     near = batch_plan(TrainConfig(global_batch_size=4096, micro_batch_size=16, elastic_batch_tolerance=0.01), 255, 256)
     assert near.global_batch_size == 4080 and near.lr_scale == pytest.approx(4080 / 4096)
+    small = batch_plan(TrainConfig(global_batch_size=64, micro_batch_size=32), 8, 8)  # 8 per worker, in one pass
+    assert (small.micro_batch_size, small.grad_accum_steps, small.global_batch_size) == (8, 1, 64)
+
+
+def test_a_shrunk_group_keeps_its_micro_batch():
+    """A lost node must not turn the micro-batch into 1 x 17 accumulation steps (a parameter
+    gather per image, BatchNorm over one image): coatnet7.yaml at 248 and 240 workers, and every
+    shipped config one 8-GPU node short, runs at least half the configured micro-batch; a
+    pretraining config takes every size down to half its workers."""
+    from coatnet_scale.batch import describe_sizes
+    from coatnet_scale.config import load_config
+
+    coatnet7 = load_config(REPO / "configs" / "coatnet7.yaml", []).train
+    for workers in (248, 240):
+        plan = batch_plan(coatnet7, workers, 256)
+        assert plan.micro_batch_size >= 8 and abs(plan.lr_scale - 1) <= coatnet7.elastic_batch_tolerance
+    assert (batch_plan(coatnet7, 240, 256).micro_batch_size, batch_plan(coatnet7, 240, 256).grad_accum_steps) == (9, 2)
+    for path in sorted((REPO / "configs").glob("*.yaml")):
+        config = load_config(path, [])
+        t, workers = config.train, config.cluster.num_workers
+        sizes = range(workers // 2, workers + 1) if "_ft" not in path.name else [max(1, workers - 8)]
+        for size in sizes:
+            plan = batch_plan(t, size, workers)
+            assert plan.micro_batch_size >= (t.micro_batch_size + 1) // 2 or plan.grad_accum_steps == 1, (path.name, plan)
+    lines = describe_sizes(coatnet7, 128, 256)
+    assert lines[0] == "256..241 workers: micro-batch 16 x 1 = global 3856..4096" and len(lines) < 20
+    strict = coatnet7.model_copy(update={"elastic_batch_tolerance": 0.0})
+    assert describe_sizes(strict, 128, 256) == ["256 workers: micro-batch 16 x 1 = global 4096",
+                                                "255..129 workers: cannot make the batch",
+                                                "128 workers: micro-batch 16 x 2 = global 4096"]
 
 
 def test_ema_partitions_recut_from_the_neighbouring_old_ranks_only():
@@ -176,3 +206,18 @@ def test_a_lost_node_shrinks_the_group_and_training_goes_on(two_node_cluster, de
     assert final["step"] == 80
     # Ten classes (chance 10%); an uninterrupted run of these 80 steps scores 90%.
     assert final["val_top1"] > 0.85
+
+
+def test_preflight_prints_what_each_group_size_runs(capsys):
+    from coatnet_scale.config import load_config
+    from coatnet_scale.pretrain import warn_elastic_sizes
+
+    warn_elastic_sizes(load_config(REPO / "configs" / "coatnet7.yaml", ["cluster.min_workers=232"]))
+    out, err = capsys.readouterr()
+    assert out.strip() == ("cluster: an elastic group runs, by size: 256..241 workers: micro-batch 16 x 1 = global "
+                           "3856..4096; 240..232 workers: micro-batch 9 x 2 = global 4176..4320") and not err
+    warn_elastic_sizes(load_config(REPO / "configs" / "coatnet7.yaml", ["cluster.min_workers=250",
+                                                                        "train.elastic_batch_tolerance=0"]))
+    out, err = capsys.readouterr()
+    assert "255..250 workers: cannot make the batch" in out
+    assert "an elastic group of 255..250 workers cannot make train.global_batch_size=4096" in err
