@@ -357,7 +357,7 @@ def main(argv: list[str] | None = None) -> int:
     except ImportError as e:
         raise SystemExit(f"gpu_proof: cannot import deepspeed ({e}); install the wheels named in this script's docstring")
 
-    from coatnet_scale.data.demo import build_demo_corpus
+    from dataprep.demo import build_demo_corpus
     from coatnet_scale.standalone import init_process_group
 
     if not args.smoke and not torch.cuda.is_available():

@@ -39,7 +39,7 @@ def rank_main(rank: int, world_size: int, port: int, args: argparse.Namespace, f
     from coatnet_scale.config import load_config
     from coatnet_scale.data import train_loader
     from coatnet_scale.engine.worker import EpochBatches, build_engine, train_step
-    from monitoring.training import NullMonitor, start_training_monitor
+    from coatnet_scale.engine.monitor import Unmonitored, start_training_monitor
 
     warnings.filterwarnings("ignore", category=FutureWarning)
     torch.set_num_threads(1)
@@ -50,7 +50,7 @@ def rank_main(rank: int, world_size: int, port: int, args: argparse.Namespace, f
     t = config.train
     engine, scheduler = build_engine(config, False)
     loader = train_loader(config, rank, world_size)
-    monitors = {"on": start_training_monitor(config, rank, world_size, torch.device("cpu"), 0, 0), "off": NullMonitor()}
+    monitors = {"on": start_training_monitor(config, rank, world_size, torch.device("cpu"), 0, 0), "off": Unmonitored()}
     url = f"http://127.0.0.1:{monitors['on'].exporter.port}/metrics"
     scraping, done = threading.Event(), threading.Event()
 
@@ -115,7 +115,7 @@ def main() -> None:
     parser.add_argument("--scrape-every", type=float, default=1.0, help="seconds between scrapes while on")
     args = parser.parse_args()
     if not (DEMO / "train" / "manifest.json").exists():
-        from coatnet_scale.data.demo import build_demo_corpus
+        from dataprep.demo import build_demo_corpus
 
         build_demo_corpus(str(DEMO))
     import torch.multiprocessing as mp

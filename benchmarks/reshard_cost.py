@@ -63,7 +63,7 @@ def main() -> int:
     parser.add_argument("--model", default="coatnet_1")
     parser.add_argument("--workers", type=int, default=2)
     args = parser.parse_args()
-    from coatnet_scale.data.demo import build_demo_corpus
+    from dataprep.demo import build_demo_corpus
     from coatnet_scale.engine.checkpoint import Checkpoints
     from coatnet_scale.models import count_parameters, create_model
 

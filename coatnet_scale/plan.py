@@ -12,7 +12,7 @@ peak holds whatever is alive at that moment: saved tensors, a recomputed block's
 activation gradients, temporaries (docs/planning.md). FLOPs come from torch's flop counter;
 step time is at a stated model-FLOPs utilisation. The network section counts what ZeRO-3 (and
 hpZ) sends per step, by replaying DeepSpeed's parameter coordinator on the model's module order,
-and sets the communication time against the compute time (README, Planning a run).
+and sets the communication time against the compute time (docs/planning.md).
 """
 from __future__ import annotations
 

@@ -5,8 +5,9 @@ local Ray instance, so the same command works on a laptop and on 128 nodes. Ever
 can be checked before Ray starts work is checked first, each failure one line and exit 2:
 the config, the data manifests, the storage URL, whether the cluster can ever hold the worker
 group (an autoscaling cluster, with cluster.max_resources, is waited for), and whether a local
-storage path would have to serve several nodes. With no arguments it pretrains the embedded default: coatnet_pico on the demo
-corpus (built on first use), 2 CPU workers under ZeRO-3, local storage.
+storage path would have to serve several nodes. With no arguments it pretrains the embedded
+default: coatnet_pico on the demo corpus (`python -m dataprep demo data/demo` builds it; `make
+demo` does both), 2 CPU workers under ZeRO-3, local storage.
 """
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ import sys
 import time
 import uuid
 
-from coatnet_scale.batch import ElasticBatchError, batch_plan
+from coatnet_scale.batch import describe_sizes
 from coatnet_scale.config import Config, add_config_arguments, config_from_arguments
 from coatnet_scale.storage import storage_options, url_to_fs
 
@@ -40,9 +41,9 @@ def check_inputs(config: Config) -> None:
     options = storage_options(config.storage)
     demo_manifest = absolute(f"{DEMO_DIR}/train/manifest.json")
     if config.data.train_manifest == demo_manifest and not os.path.exists(demo_manifest):
-        from coatnet_scale.data.demo import build_demo_corpus
-
-        build_demo_corpus(absolute(DEMO_DIR))
+        # The sharder sits above the trainer (docs/layout.md): it builds the corpus, not us.
+        raise PreflightError(f"data.train_manifest: the demo corpus is not built yet; build it with "
+                             f"`python -m dataprep demo {DEMO_DIR}` (what `make demo` does first)")
     for key in ("train_manifest", "val_manifest"):
         url = getattr(config.data, key)
         if url is None:
@@ -199,18 +200,16 @@ def elastic(config: Config) -> bool:
 
 
 def warn_elastic_sizes(config: Config) -> None:
-    """An elastic group may shrink to sizes that cannot make the global batch: say which, once."""
+    """An elastic group may run at any size from min_workers to num_workers: print the batch
+    each size runs, and warn of sizes that cannot make the global batch."""
     if not elastic(config):
         return
-    c, bad = config.cluster, []
-    for size in range(c.min_workers, c.num_workers + 1):
-        try:
-            batch_plan(config.train, size, c.num_workers, c.min_workers)
-        except ElasticBatchError:
-            bad.append(size)
+    c = config.cluster
+    lines = describe_sizes(config.train, c.min_workers, c.num_workers)
+    print("cluster: an elastic group runs, by size: " + "; ".join(lines), flush=True)
+    bad = [line.partition(" workers")[0] for line in lines if line.endswith("cannot make the batch")]
     if bad:
-        shown = ", ".join(map(str, bad[:10])) + (f" and {len(bad) - 10} more" if len(bad) > 10 else "")
-        print(f"cluster: warning: an elastic group of {shown} workers cannot make train.global_batch_size="
+        print(f"cluster: warning: an elastic group of {', '.join(bad)} workers cannot make train.global_batch_size="
               f"{config.train.global_batch_size} (train.elastic_batch_tolerance {config.train.elastic_batch_tolerance:g}); "
               f"a group that shrinks to such a size stops with that message", file=sys.stderr, flush=True)
 

@@ -1,5 +1,5 @@
-"""Command line: `python -m dataprep SOURCE DEST [options]`, `python -m dataprep index SHARDS... DEST`
-and `python -m dataprep verify DEST`.
+"""Command line: `python -m dataprep SOURCE DEST [options]`, `python -m dataprep index SHARDS... DEST`,
+`python -m dataprep verify DEST` and `python -m dataprep demo [DEST]` (the quick start's corpus).
 
 S3 credentials come from the standard AWS environment (AWS_ACCESS_KEY_ID, AWS_PROFILE, ...)
 or a profile; they are never taken on the command line, logged, or written to the manifest.
@@ -72,7 +72,7 @@ def prep_parser() -> argparse.ArgumentParser:
         help="spread shards over a Ray cluster's CPUs: ADDRESS, else $RAY_ADDRESS, else a local Ray; "
         "SOURCE and DEST must then be reachable from every node (S3, a shared filesystem)",
     )
-    group = p.add_argument_group("metrics (Prometheus; see README, Monitoring)")
+    group = p.add_argument_group("metrics (Prometheus; see docs/monitoring.md)")
     group.add_argument("--metrics-port", type=int, metavar="PORT",
                        help="serve /metrics on this port while sharding (0: a free port, printed)")
     group.add_argument("--metrics-address", default="127.0.0.1", help="address to serve on (default: %(default)s)")
@@ -137,6 +137,15 @@ def main(argv: list[str] | None = None) -> int:
 
     if argv[:1] == ["index"]:
         return index_main(argv[1:])
+
+    if argv[:1] == ["demo"]:
+        p = argparse.ArgumentParser(prog="python -m dataprep demo",
+                                    description="Build the demo corpus: scikit-learn's digits, sharded (idempotent).")
+        p.add_argument("dest", metavar="DEST", nargs="?", default="data/demo", help="default: %(default)s")
+        from dataprep.demo import build_demo_corpus
+
+        build_demo_corpus(p.parse_args(argv[1:]).dest)
+        return 0
 
     args = prep_parser().parse_args(argv)
     if not 1 <= args.quality <= 100:

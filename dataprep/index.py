@@ -3,7 +3,7 @@
 loader reads them where they are, without decoding and re-encoding 14M images first.
 
 Each shard is read once, start to end, by a worker process (or a CPU of a Ray cluster with
---ray): its size and sha256, its samples (dataprep/samples.py) with their byte offsets, and
+--ray): its size and sha256, its samples (coatnet_scale/shard_format.py) with their byte offsets, and
 their labels, from `.cls` or from a field of `.json` (--label-key). A sample without an image
 or a usable label is rejected with its shard and key (and with --verify, one whose image does
 not decode); the manifest counts the rest and lists the rejected keys per shard, which the
@@ -34,7 +34,7 @@ from PIL import Image
 from coatnet_scale.storage import url_to_fs
 from dataprep import prep
 from dataprep.images import ImageOptions
-from dataprep.samples import SampleError, encode_offsets, image_member, iter_samples, label_index, raw_label, read_members
+from coatnet_scale.shard_format import SampleError, encode_offsets, image_member, iter_samples, label_index, raw_label, read_members
 from dataprep.shards import HashingReader, publish_bytes
 
 INDEX_FORMAT = "coatnet_scale.dataprep.index/1"
@@ -204,7 +204,8 @@ def index_shards(patterns: list[str], dest: str, options: IndexOptions, workers:
     }
     publish_bytes(fs, manifest_path, json.dumps(manifest, indent=1, sort_keys=True).encode())
     fs.rm(f"{root}/_progress", recursive=True)
+    reasons = ", ".join(f"{n} {reason}" for reason, n in manifest["rejected"].items() if reason != "unreadable shard")
     log(f"dataprep: index: {total} samples in {len(shards)} shards, {len(classes)} classes; "
-        f"{len(rejected) - len(unreadable)} samples rejected {manifest['rejected'] or ''}; "
+        f"{len(rejected) - len(unreadable)} samples rejected{f' ({reasons})' if reasons else ''}; "
         f"{len(unreadable)} unreadable shards; {time.monotonic() - start:.1f}s; wrote {dest}/manifest.json")
     return manifest

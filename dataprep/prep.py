@@ -31,7 +31,7 @@ import numpy as np
 
 from coatnet_scale.storage import url_to_fs
 from dataprep.images import ImageOptions, Rejected, convert_image
-from dataprep.samples import encode_offsets
+from coatnet_scale.shard_format import encode_offsets
 from dataprep.shards import (
     ShardWriter,
     offsets_name,

@@ -16,7 +16,7 @@ import tempfile
 from fsspec.implementations.local import LocalFileSystem
 
 from coatnet_scale.storage import file_sha256, url_to_fs
-from dataprep.samples import SampleError, encode_offsets, iter_samples, labeller, read_members
+from coatnet_scale.shard_format import SampleError, encode_offsets, iter_samples, labeller, read_members
 
 
 def shard_name(split: str, index: int) -> str:
@@ -29,7 +29,7 @@ def offsets_name(shard: str) -> str:
 
 class ShardWriter:
     """Appends samples ({key}.cls, {key}.jpg, {key}.json) to a deterministic tar on local disk,
-    noting where each sample starts (`offsets`, then the end of the last: dataprep/samples.py)."""
+    noting where each sample starts (`offsets`, then the end of the last: coatnet_scale/shard_format.py)."""
 
     def __init__(self, directory: str):
         fd, self.path = tempfile.mkstemp(dir=directory, prefix=".shard-", suffix=".tmp")

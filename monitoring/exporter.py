@@ -4,8 +4,8 @@
 taken, bad address) it logs one warning line and returns None, so the caller goes on without
 it: metrics are never a reason to stop training or data preparation.
 
-`write_targets` publishes a Prometheus file-based service-discovery list (file_sd JSON: a list
-of {"targets": ["host:port"], "labels": {...}}), atomically, on a local path or any fsspec URL.
+`file_sd` is the Prometheus file-based service-discovery document (a list of
+{"targets": ["host:port"], "labels": {...}}) a caller publishes where Prometheus reads it.
 """
 from __future__ import annotations
 
@@ -57,23 +57,6 @@ def linger(seconds: float) -> None:
 def file_sd(targets: list[tuple[str, dict]]) -> bytes:
     """The file_sd document for (host:port, labels) pairs: one target group per target."""
     return json.dumps([{"targets": [t], "labels": labels} for t, labels in targets], indent=1).encode()
-
-
-def write_targets(url: str, targets: list[tuple[str, dict]], storage_options: dict | None = None) -> None:
-    """Write the target list so Prometheus never reads a half-written file: temp file + rename
-    on a filesystem, one PUT on an object store."""
-    from coatnet_scale.storage import url_to_fs, write_atomic
-
-    fs, path = url_to_fs(url, storage_options or {})
-    write_atomic(fs, path, file_sd(targets))
-
-
-def remove_targets(url: str, storage_options: dict | None = None) -> None:
-    from coatnet_scale.storage import url_to_fs
-
-    fs, path = url_to_fs(url, storage_options or {})
-    if fs.exists(path):
-        fs.rm(path)
 
 
 def advertised_host(address: str, node_ip: str | None) -> str:

@@ -69,7 +69,7 @@ def s3_bucket(s3_endpoint, request):
 def demo_corpus():
     """scikit-learn's digits as dataprep shards (data/demo/{train,val}), built once."""
     if not (DEMO / "val" / "manifest.json").exists():
-        subprocess.run([sys.executable, "-m", "coatnet_scale.data", "demo", str(DEMO)], check=True, cwd=REPO)
+        subprocess.run([sys.executable, "-m", "dataprep", "demo", str(DEMO)], check=True, cwd=REPO)
     return DEMO
 
 

@@ -131,7 +131,7 @@ def pretrained(cluster, demo_corpus, tmp_path_factory):
 
 
 @pytest.mark.slow
-def test_ray_job_submit_trains_and_survives_a_killed_worker(pretrained):
+def test_ray_job_submit_trains_and_survives_a_killed_worker(pretrained, demo_corpus):
     storage, logs = pretrained
     assert re.search(r"resumed from .*step_0000000(50|100): step (50|100)", logs), "the restarted group did not resume"
     held = re.search(r"ZeRO-3: rank 0 holds ([\d,]+) of ([\d,]+) parameters", logs)
@@ -145,6 +145,16 @@ def test_ray_job_submit_trains_and_survives_a_killed_worker(pretrained):
     assert metrics["final"]["val_top1"] > 0.85
     # The worker group started twice (the kill restarted it); monitoring counts each start.
     assert len(list((storage / "job" / "monitoring" / "group_starts").iterdir())) == 2
+    # The same command once the run has finished, on another world size (one process, not two):
+    # it ends at once with the same report, converting nothing and evaluating nothing again.
+    again = subprocess.run([sys.executable, "-m", "coatnet_scale.pretrain", "--config", str(TINY), "--without-ray",
+                            *(f"--set={o}" for o in [f"storage.url={storage}", *data_overrides(demo_corpus), "run_name=job",
+                                                     "deepspeed.bf16=true"])],
+                           capture_output=True, text=True, timeout=300, cwd=REPO)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "already finished at step 150" in again.stdout and "final eval" not in again.stdout
+    assert not list((storage / "job" / "checkpoints").glob("*uni*"))
+    assert f"val_top1 {metrics['final']['val_top1']:.4g}" in again.stdout.split("job finished:")[-1]
 
 
 @pytest.mark.slow

@@ -164,7 +164,7 @@ def free_port_run(n: int) -> int:
 @pytest.fixture(scope="module")
 def demo_corpus():
     if not (DEMO / "val" / "manifest.json").exists():
-        subprocess.run([sys.executable, "-m", "coatnet_scale.data", "demo", str(DEMO)], check=True, cwd=REPO)
+        subprocess.run([sys.executable, "-m", "dataprep", "demo", str(DEMO)], check=True, cwd=REPO)
     return DEMO
 
 
@@ -362,17 +362,21 @@ def test_taken_port_warns_once_and_the_monitor_still_works(caplog):
     assert monitor.registry.get_sample_value("coatnet_corrupt_samples_total", labels) == 1
 
 
-def test_null_monitor_offers_every_call_the_worker_makes():
-    """monitoring.enabled=false hands the loop a NullMonitor: it must take every call the real one does."""
-    from monitoring.training import NullMonitor, TrainingMonitor
+def test_the_monitor_offers_every_call_the_worker_makes():
+    """The loop calls the real monitor and, with monitoring.enabled false, Unmonitored: both must
+    take every call it makes."""
+    from coatnet_scale.engine.monitor import Unmonitored
+    from monitoring.training import TrainingMonitor
 
     calls = set(re.findall(r"\bmonitor\.(\w+)\(", (REPO / "coatnet_scale/engine/worker.py").read_text()))
     assert {"batch", "step", "log", "evaluated", "checkpoint_saved", "close"} <= calls
-    assert calls <= set(dir(TrainingMonitor)) and calls <= set(dir(NullMonitor))
+    assert calls <= set(dir(TrainingMonitor))
+    for call in calls:
+        assert getattr(Unmonitored(), call)() is None
 
 
 def test_worker_group_restarts_are_counted_per_job(tmp_path):
-    from monitoring.training import record_group_start
+    from coatnet_scale.engine.monitor import record_group_start
 
     run = str(tmp_path / "run")
     assert record_group_start(run, {}, "session_a-job01000000") == 0
@@ -382,7 +386,7 @@ def test_worker_group_restarts_are_counted_per_job(tmp_path):
 
 
 def test_target_list_is_replaced_whole(tmp_path):
-    from monitoring.exporter import remove_targets, write_targets
+    from coatnet_scale.engine.monitor import remove_targets, write_targets
 
     path = tmp_path / "sd" / "run.json"
     write_targets(str(path), [("127.0.0.1:1", {"rank": "0"})])

@@ -19,7 +19,7 @@ from coatnet_scale.data.transforms import (
     make_sample_transform, normalize, reference_sample_transform, stack,
 )
 from corpus import photo
-from dataprep.samples import iter_samples
+from coatnet_scale.shard_format import iter_samples
 
 
 def images(count, seed=0, sizes=((160, 120), (90, 130), (48, 40))):

@@ -5,11 +5,10 @@ With `--resize-at B --new-world-size M` it prints every key read in epoch E by a
 ranks that each consumed B batches and then resized to M ranks, each line prefixed by the
 group's size and the rank that read it (`W:r key`, then `M:r key`): each key once.
 
-`python -m coatnet_scale.data demo [DEST]` builds the demo corpus (default data/demo)."""
+(The demo corpus is built by the sharder: `python -m dataprep demo [DEST]`.)"""
 import argparse
 import sys
 
-from coatnet_scale.data.demo import build_demo_corpus
 from coatnet_scale.data.loader import LoaderSpec, epoch_keys
 from coatnet_scale.data.plan import Phase
 from coatnet_scale.data.transforms import TransformSpec
@@ -32,12 +31,7 @@ def main() -> None:
     keys.add_argument("--new-world-size", type=int, metavar="M", help="the group's size after --resize-at")
     keys.add_argument("--new-num-workers", type=int, help="DataLoader workers per rank after the resize (default: the same)")
     keys.add_argument("--new-batch-size", type=int, help="batch size after the resize (default: the same)")
-    demo = commands.add_parser("demo", help="build the demo corpus from scikit-learn's digits")
-    demo.add_argument("dest", nargs="?", default="data/demo")
     args = parser.parse_args()
-    if args.command == "demo":
-        build_demo_corpus(args.dest)
-        return
     if not 0 <= args.rank < args.world_size:
         parser.error(f"--rank must be in [0, {args.world_size})")
     if (args.resize_at is None) != (args.new_world_size is None):

@@ -18,7 +18,7 @@ image members (.jpg/.jpeg/.png/.webp) and the label member (.cls, or .json for J
 read; nothing in a shard is ever unpickled. Samples a `dataprep index` manifest lists as
 rejected (no image, no label) are passed over without counting.
 
-Bytes. With offsets in the manifest (dataprep/samples.py) a slot fetches exactly the byte
+Bytes. With offsets in the manifest (coatnet_scale/shard_format.py) a slot fetches exactly the byte
 ranges of its samples, however far into a shard it starts; without, it streams each shard from
 its first byte, as webdataset does.
 """
@@ -40,7 +40,7 @@ from coatnet_scale.data.plan import (EpochSpec, Phase, SlotPlan, derive_seed, ph
                                      shuffled)
 from coatnet_scale.data.transforms import BatchTransform, TransformSpec, make_sample_transform, stack
 from coatnet_scale.storage import RangeReader, url_to_fs
-from dataprep.samples import image_member, iter_samples, labeller, read_members, read_offsets
+from coatnet_scale.shard_format import image_member, iter_samples, labeller, read_members, read_offsets
 
 log = logging.getLogger(__name__)
 
@@ -58,7 +58,7 @@ class Manifest:
     shard_urls: list[str]
     shard_sizes: list[int]
     classes: list[str]
-    offsets_urls: list[str | None]  # per shard: its offsets file (dataprep/samples.py), if any
+    offsets_urls: list[str | None]  # per shard: its offsets file (coatnet_scale/shard_format.py), if any
     rejected_keys: list[frozenset[str]]  # per shard: samples in the tar that the manifest does not count
     labels: dict | None = None  # where labels come from; None: the .cls member
 

@@ -35,6 +35,7 @@ from coatnet_scale.engine import collectives
 from coatnet_scale.engine.checkpoint import Checkpoints
 from coatnet_scale.engine.ema import ShardedEMA
 from coatnet_scale.engine.failures import FailureLog
+from coatnet_scale.engine.monitor import start_training_monitor
 from coatnet_scale.engine.optim import group_weight_decays, lr_multiplier, param_groups
 from coatnet_scale.engine.placement import placement_problems
 from coatnet_scale.engine.pretrained import load_initial_weights
@@ -269,6 +270,14 @@ def train(config: Config, placement: Placement, report=None) -> dict:
     checkpoints = Checkpoints(checkpoint_url(config), options, config.checkpoint.keep, rank, world_size,
                               metadata=checkpoint_metadata(config), local_rank=placement.local_rank)
     tag, marker = checkpoints.choose()
+    finished = finished_report(config, marker)
+    if finished is not None:  # e.g. Ray restarting a group after the last step: nothing to redo
+        if rank == 0:
+            print(f"run {config.run_name} already finished at step {finished['step']} ({checkpoints.url}/{tag}): "
+                  f"nothing to do", flush=True)
+        if report is not None:
+            report(finished)
+        return finished
     nodes = [placement.node]  # every rank's node, by rank
     if world_size > 1:
         nodes = [None] * world_size
@@ -292,6 +301,18 @@ def train(config: Config, placement: Placement, report=None) -> dict:
         if failures is not None:
             failures.record(attempt, rank, progress["step"], error)
         raise
+
+
+def finished_report(config: Config, marker: dict | None) -> dict | None:
+    """The final figures of a run whose newest complete checkpoint is its last step and whose
+    final report exists; None when there is training or evaluation left to do."""
+    if marker is None or marker["step"] < config.train.total_steps:
+        return None
+    fs, path = url_to_fs(run_url(config), storage_options(config.storage))
+    try:
+        return json.loads(fs.cat_file(f"{path}/metrics-step{marker['step']:09d}.json"))["final"]
+    except (FileNotFoundError, KeyError, ValueError):
+        return None
 
 
 def _train(config: Config, placement: Placement, device: torch.device, checkpoints: Checkpoints, tag: str | None,
@@ -355,7 +376,7 @@ def _train(config: Config, placement: Placement, device: torch.device, checkpoin
     if batch_in_epoch >= loader.batches_in(epoch, phases):  # checkpointed at an epoch's end: skip reading it
         epoch, batch_in_epoch, phases = epoch + 1, 0, ()
     batches = EpochBatches(loader, epoch, batch_in_epoch, phases)
-    monitor = _monitor(config, rank, world_size, device, step, epoch)
+    monitor = start_training_monitor(config, rank, world_size, device, step, epoch)
     last_metrics: dict = {}
     history: list[dict] = []
     window_start, window_steps, window_wait, window_images, corrupt = time.monotonic(), 0, 0.0, 0, 0
@@ -423,22 +444,6 @@ def _train(config: Config, placement: Placement, device: torch.device, checkpoin
         report(final)
     monitor.close()  # after monitoring.linger_seconds, so the final values get scraped
     return final
-
-
-class _Unmonitored:
-    """Every call the loop makes on a monitor, doing nothing, without the Prometheus client."""
-
-    def __getattr__(self, name):
-        return lambda *args, **kwargs: None
-
-
-def _monitor(config: Config, rank: int, world_size: int, device, step: int, epoch: int):
-    """Prometheus /metrics for this worker (monitoring/training.py), when monitoring is on."""
-    if not config.monitoring.enabled:
-        return _Unmonitored()
-    from monitoring.training import start_training_monitor
-
-    return start_training_monitor(config, rank, world_size, device, step, epoch)
 
 
 def train_worker(loop_config: dict) -> None:

@@ -1,6 +1,7 @@
 """What a sample is inside a webdataset shard, for every reader of shards: dataprep's indexer
 and verifier, and the training loader (coatnet_scale.data). One definition, so that the sample
-counts an index writes are the samples the loader later finds.
+counts an index writes are the samples the loader later finds. It lives beside storage, at
+the bottom of the package, so that the trainer reads shards without importing the sharder.
 
 A shard is an uncompressed (or gzip/bz2/xz) tar. Members are grouped into samples as webdataset
 groups them: the key is the member's path up to the first dot of its file name, the rest is
