@@ -103,3 +103,12 @@ def test_gpu_configs_state_the_cluster_maximum(path):
     assert config.cluster.max_resources == aws_maximum(), "cluster.max_resources is not launch/cluster-aws.yaml's maximum"
     if config.cluster.num_workers > P5["GPU"]:
         assert config.monitoring.address == "node"
+
+
+def test_handoff_waits_for_each_job_unless_told_otherwise():
+    """One job after another is the default; returning at once makes sense only for --together."""
+    import sys
+
+    result = subprocess.run([sys.executable, str(REPO / "launch" / "handoff.py"), "s3://bucket/run", "--no-wait"],
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2 and "--no-wait needs --together" in result.stderr

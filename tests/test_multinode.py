@@ -252,6 +252,62 @@ def test_preflight_waits_for_an_autoscaling_cluster(group, tmp_path):
         assert "PREFLIGHT PASSED 2 nodes 2.0 CPUs" in logs
 
 
+PREFLIGHT_SHIPPED = """
+import sys
+from coatnet_scale.config import load_config
+from coatnet_scale.pretrain import PreflightError, connect_and_wait
+for path in sys.argv[1:]:
+    config = load_config(path, ["storage.url=s3://bucket/runs", "cluster.scale_up_timeout_s=1"])
+    try:
+        connect_and_wait(config)
+        print(path, "PASSED")
+    except PreflightError as e:
+        print(path, "STOPPED:", e, flush=True)
+"""
+
+
+@pytest.mark.slow
+def test_shipped_gpu_configs_wait_for_the_aws_cluster(tmp_path):
+    """Every shipped GPU config's preflight, on a cluster whose autoscaler (Ray's fake provider)
+    has launch/cluster-aws.yaml's node types and maxima and, like it, starts with a 0-CPU head
+    only: each asks the autoscaler and waits (cut short here by cluster.scale_up_timeout_s=1),
+    none is refused at once. The autoscaler's update interval outlasts the test, so none of
+    the 8-GPU nodes it would launch starts on this machine."""
+    import yaml
+    from test_launch import AWS, GPU_CONFIGS, P5
+
+    aws = yaml.safe_load(AWS.read_text())["available_node_types"]
+    port = _free_port()
+    fake = fake_autoscaling_config(f"127.0.0.1:{port}", max_workers=aws["gpu"]["max_workers"] + aws["cpu"]["max_workers"])
+    fake["available_node_types"] = {
+        "ray.head.default": {"resources": {"CPU": 0}, "node_config": {}, "max_workers": 0},
+        "gpu": {"resources": P5, "node_config": {}, "min_workers": 0, "max_workers": aws["gpu"]["max_workers"]},
+        "cpu": {"resources": {"CPU": 64}, "node_config": {}, "min_workers": 0, "max_workers": aws["cpu"]["max_workers"]},
+    }
+    config = tmp_path / "autoscaling.json"
+    config.write_text(json.dumps(fake))
+    script = tmp_path / "preflight.py"
+    script.write_text(PREFLIGHT_SHIPPED)
+    with ray_client_environment(), pytest.MonkeyPatch.context() as env:
+        env.setenv("RAY_FAKE_CLUSTER", "1")
+        env.setenv("AUTOSCALER_UPDATE_INTERVAL_S", "600")
+        cluster = RayCluster(dict(os.environ), num_cpus=0, head_args=("--autoscaling-config", str(config)), port=port)
+        try:
+            status, logs = run_job(cluster, shlex.join([sys.executable, str(script), *map(str, GPU_CONFIGS)]), timeout=240)
+        finally:
+            cluster.stop()
+    assert status == "SUCCEEDED", logs[-3000:]
+    from coatnet_scale.config import load_config
+
+    for path in GPU_CONFIGS:
+        workers = load_config(path).cluster.num_workers
+        lines = [line for line in logs.splitlines() if line.startswith(f"{path} ")]
+        assert len(lines) == 1 and "STOPPED: cluster: after" in lines[0], (path, lines)
+        assert f"its nodes hold 0 of the {workers} workers (cluster.scale_up_timeout_s 1)" in lines[0]
+    assert logs.count("cluster: waiting for the autoscaler: its 1 node(s) hold 0 of the") == len(GPU_CONFIGS)
+    assert "can grow to" not in logs and "Traceback" not in logs
+
+
 # -- the headline command, the wheel, dataprep ------------------------------------------------------
 
 
