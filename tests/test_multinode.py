@@ -53,11 +53,13 @@ def pretrain_entrypoint(*overrides: str) -> str:
 
 
 @pytest.mark.slow
-def test_hpz_trains_across_two_nodes_and_resumes(two_node_cluster, s3_endpoint, s3_bucket, demo_corpus):
+def test_hpz_trains_across_two_nodes_and_resumes(two_node_cluster, s3_endpoint, s3_bucket, demo_corpus, tmp_path):
     """4 workers, 2 per node, hpZ groups of 2 (one per node), checkpoints on S3: launch/submit.py
     (its client turning token mode on by itself) runs 2 steps and stops, the same command
     resumes and finishes 4. While the first runs, the Prometheus list names each worker under
-    its own node's address, and each listed exporter answers as the rank it is listed as."""
+    its own node's address, each listed exporter answers as the rank it is listed as, and a
+    real Prometheus run by `python -m monitoring.cluster` (the head's, which copies the lists
+    from storage) scrapes all four, on both nodes."""
     import s3fs
 
     fs = s3fs.S3FileSystem(endpoint_url=s3_endpoint, skip_instance_cache=True)
@@ -75,19 +77,38 @@ def test_hpz_trains_across_two_nodes_and_resumes(two_node_cluster, s3_endpoint, 
             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=REPO,
         )
 
-    first = submit("train.stop_at_step=2", "monitoring.linger_seconds=8")
-    targets_file, listed, answered = f"{s3_bucket}/runs/prometheus/hpz.json", None, {}
+    # Prometheus on the "head", started the documented way (docs/cluster.md, Monitoring).
+    prometheus_port = _free_port()
+    monitor = subprocess.Popen(
+        [sys.executable, "-m", "monitoring.cluster", "--targets", f"{runs}/prometheus", "--dir", str(tmp_path / "mon"),
+         "--no-grafana", "--prometheus-port", str(prometheus_port), "--scrape-interval", "1s", "--sync-every", "0.5"],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=REPO)
+    first = submit("train.stop_at_step=2", "monitoring.linger_seconds=10")
+    targets_file, listed, answered, scraped = f"{s3_bucket}/runs/prometheus/hpz.json", None, {}, set()
     deadline = time.monotonic() + 400
-    while first.poll() is None and time.monotonic() < deadline and not answered:
-        if fs.exists(targets_file):
-            listed = json.loads(fs.cat_file(targets_file))
-            for group in listed:  # scrape each listed exporter: which rank answers there?
-                target = group["targets"][0]
-                text = urllib.request.urlopen(f"http://{target}/metrics", timeout=5).read().decode()
-                answered[target] = re.search(r'coatnet_steps_total\{.*rank="(\d+)"', text)[1]
-        time.sleep(0.5)
-    output = first.communicate(timeout=400)[0]
+    try:
+        while first.poll() is None and time.monotonic() < deadline and not (answered and len(scraped) == 4):
+            if not answered and fs.exists(targets_file):
+                listed = json.loads(fs.cat_file(targets_file))
+                for group in listed:  # scrape each listed exporter: which rank answers there?
+                    target = group["targets"][0]
+                    text = urllib.request.urlopen(f"http://{target}/metrics", timeout=5).read().decode()
+                    answered[target] = re.search(r'coatnet_steps_total\{.*rank="(\d+)"', text)[1]
+            try:  # which workers has Prometheus scraped successfully?
+                query = f"http://127.0.0.1:{prometheus_port}/api/v1/query?query=up%7Bjob%3D%22coatnet_scale%22%7D%3D%3D1"
+                result = json.loads(urllib.request.urlopen(query, timeout=5).read())["data"]["result"]
+                scraped = {r["metric"]["instance"] for r in result}
+            except OSError:
+                pass  # Prometheus still starting
+            time.sleep(0.5)
+        output = first.communicate(timeout=400)[0]
+    finally:
+        monitor.terminate()
+        monitor_output = monitor.communicate(timeout=60)[0]
     assert first.returncode == 0, output[-4000:]
+    assert f"monitoring: Prometheus on 127.0.0.1:{prometheus_port}" in monitor_output, monitor_output[-2000:]
+    assert monitor.returncode == 0, monitor_output[-2000:]
+    assert len(scraped) == 4 and scraped == set(answered), (scraped, answered)  # both nodes' workers, every one
     assert "submit: job" in output and "SUCCEEDED" in output
 
     # Each node's two workers under that node's loopback address; each target serves its rank.
