@@ -119,8 +119,8 @@ def test_hpz_trains_across_two_nodes_and_resumes(two_node_cluster, s3_endpoint, 
     assert "workers are on 2 nodes but publish loopback addresses (127.0.0.2, 127.0.0.3)" in output
     assert re.search(r"ZeRO-3: rank 0 holds [\d,]+ of [\d,]+ parameters \(25", output)  # 4-way primary partition
 
-    second = subprocess.run(submit().args, capture_output=True, text=True, env=env, cwd=REPO, timeout=400)
-    output = second.stdout + second.stderr
+    second = submit()  # once: submit() has started it
+    output = second.communicate(timeout=400)[0]
     assert second.returncode == 0, output[-4000:]
     assert f"resumed from {runs}/hpz/checkpoints/step_000000002: step 2" in output
     marker = json.loads(fs.cat_file(f"{s3_bucket}/runs/hpz/checkpoints/step_000000004/COMPLETE.json"))
