@@ -113,6 +113,8 @@ def main(argv: list[str] | None = None) -> int:
     prometheus = shutil.which("prometheus")
     if prometheus is None:
         parser.error("no prometheus on PATH (launch/Dockerfile installs one; Debian/Ubuntu: apt install prometheus)")
+    if not list((HERE / "grafana").glob("*.json")):  # an installed package without them: run from the checkout
+        parser.error(f"no dashboard in {HERE / 'grafana'}: run it from the checkout (cd coatnet_scale; python -m monitoring.cluster ...)")
     folder = args.dir.expanduser().resolve()
     (folder / "targets").mkdir(parents=True, exist_ok=True)
     try:
