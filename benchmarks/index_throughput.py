@@ -8,7 +8,8 @@ the images kept byte for byte (--max-side 0), 200 per shard. Each run indexes ev
 (sample counts, sizes, sha256, per-sample offsets) from a local disk, the whole command timed
 (process start included), without and with --verify (every image decoded). The figure per
 worker is what one CPU core reads; a cluster's CPU nodes multiply it until their network is
-the limit (docs/data.md).
+the limit (docs/data.md). Measured here, 6,000 images (573 MB), one process: 183 MB/s, and 31
+MB/s with --verify.
 """
 import argparse
 import subprocess
