@@ -1,4 +1,4 @@
-# Two commands for a fresh machine (Python 3.10+ and pip): `make demo`, `make test`.
+# Two commands for a fresh machine (Python 3.11+ and pip): `make demo`, `make test`.
 # Each creates .venv on first use.
 PYTHON ?= python3
 VENV ?= .venv
@@ -38,3 +38,9 @@ bench: $(VENV)/.installed
 	$(PY) benchmarks/read_amplification.py
 	$(PY) benchmarks/listing_memory.py
 	$(PY) benchmarks/reshard_cost.py
+
+# Wheels for a GPU host that has only PyTorch (air-gapped): this project, DeepSpeed, pydantic,
+# webdataset and what DeepSpeed imports. Install there: pip install --no-index --no-deps wheelhouse/*.whl
+.PHONY: wheelhouse
+wheelhouse: $(VENV)/.installed
+	PY=$(PY) bash launch/wheelhouse.sh

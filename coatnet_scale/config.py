@@ -19,7 +19,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
 
-from coatnet_scale.batch import ElasticBatchError, batch_plan
+from coatnet_scale.batch import ElasticBatchError, apply_batch_plan, batch_plan
 from coatnet_scale.models import list_models
 
 
@@ -369,6 +369,15 @@ def add_config_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
 
 
+def as_run(config: Config) -> Config:
+    """The config as a group of cluster.num_workers runs it: the micro-batch and accumulation
+    the workers derive from the global batch (coatnet_scale/batch.py), so --print-config shows
+    the batch plan, not the configured ceiling."""
+    c = config.cluster
+    plan = batch_plan(config.train, c.num_workers, c.num_workers, c.min_workers or c.num_workers)
+    return apply_batch_plan(config, plan)
+
+
 def config_from_arguments(args: argparse.Namespace) -> Config:
     """Load the config named by `add_config_arguments`' flags; exit 2 with the message if invalid,
     exit 0 after printing it for --print-config."""
@@ -378,6 +387,6 @@ def config_from_arguments(args: argparse.Namespace) -> Config:
         print(f"config error:\n{e}", file=sys.stderr)
         raise SystemExit(2) from None
     if args.print_config:
-        print(dump_config(config), end="")
+        print(dump_config(as_run(config)), end="")
         raise SystemExit(0)
     return config

@@ -6,10 +6,13 @@
 Finds the newest complete checkpoint of the run (COMPLETE.json; an unfinished save is never
 chosen), checks that each fine-tune config is for the same model, then submits one
 `python -m coatnet_scale.finetune --init <that checkpoint>` job per config through
-launch/submit.py and waits for all of them, printing their job ids and outcomes. The init URL
-names the exact step folder, so a restarted fine-tune job starts from the same weights (or
-resumes from its own checkpoints). Default configs: configs/coatnet{N}_ft384.yaml and
-_ft512.yaml for the run's model. Exit status 0 only when every job succeeded.
+launch/submit.py, one after the other: each job starts when the one before it succeeded (each
+shipped fine-tune config is sized for half the cluster's maximum; two at once would ask the
+autoscaler for all of it), printing their job ids and outcomes. `--together` submits them all
+at once and waits for all. The init URL names the exact step folder, so a restarted fine-tune
+job starts from the same weights (or resumes from its own checkpoints). Default configs:
+configs/coatnet{N}_ft384.yaml and _ft512.yaml for the run's model. Exit status 0 only when
+every job succeeded.
 """
 from __future__ import annotations
 
@@ -43,8 +46,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--address", help="Ray dashboard URL (default: $RAY_ADDRESS or http://127.0.0.1:8265)")
     parser.add_argument("--env", action="append", default=[], metavar="NAME", help="forward this environment variable")
     parser.add_argument("--no-working-dir", action="store_true", help="use the package installed on the cluster")
-    parser.add_argument("--no-wait", action="store_true", help="submit and return")
+    parser.add_argument("--together", action="store_true", help="submit every job at once (default: one after another)")
+    parser.add_argument("--no-wait", action="store_true", help="submit and return (with --together)")
     args = parser.parse_args(argv)
+    if args.no_wait and not args.together:
+        parser.error("--no-wait needs --together: one job after another waits for each")
 
     try:
         checkpoint, marker = find_checkpoint(args.run)
@@ -66,23 +72,32 @@ def main(argv: list[str] | None = None) -> int:
             return 2
 
     client = client_for(args.address)
-    jobs = []
-    for path in configs:
+
+    def start(path: str) -> str:
         job_args = ["--config", path, "--init", checkpoint, *(f"--set={o}" for o in args.overrides)]
         if args.weights:
             job_args.append(f"--set=finetune.init_weights={args.weights}")
         job_id = submit(client, "finetune", job_args, forward_env=args.env, working_dir=not args.no_working_dir,
                         submission_id=f"finetune-{Path(path).stem}-{time.strftime('%Y%m%d-%H%M%S')}")
-        jobs.append(job_id)
         print(f"handoff: submitted {job_id} ({path})", flush=True)
-    if args.no_wait:
-        return 0
-    outcomes = {job_id: follow(client, job_id, show_logs=False) for job_id in jobs}
-    for job_id, status in outcomes.items():
-        print(f"handoff: {job_id} {status}")
+        return job_id
+
+    def outcome(job_id: str) -> bool:
+        status = follow(client, job_id, show_logs=False)
+        print(f"handoff: {job_id} {status}", flush=True)
         if status != "SUCCEEDED":
             print(client.get_job_logs(job_id)[-3000:], file=sys.stderr)
-    return 0 if all(status == "SUCCEEDED" for status in outcomes.values()) else 1
+        return status == "SUCCEEDED"
+
+    if args.together:
+        jobs = [start(path) for path in configs]
+        return 0 if args.no_wait or all([outcome(job_id) for job_id in jobs]) else 1
+    for i, path in enumerate(configs):
+        if not outcome(start(path)):
+            if configs[i + 1:]:
+                print(f"handoff: not submitted: {', '.join(configs[i + 1:])}", file=sys.stderr)
+            return 1
+    return 0
 
 
 if __name__ == "__main__":

@@ -85,6 +85,9 @@ class TrainingMonitor:
         # efficiency
         self.flops = gauge("coatnet_model_flops_per_second", "Achieved model FLOP/s of this worker (3x forward FLOPs per image)").labels(**labels)
         self.mfu = gauge("coatnet_mfu_ratio", "Model FLOPs utilisation: achieved model FLOP/s over the device's peak").labels(**labels)
+        self.hfu = gauge("coatnet_hardware_flops_utilisation_ratio", "Hardware FLOP utilisation: MFU with the recomputed "
+                         "forward of activation checkpointing counted").labels(**labels)
+        self.recompute_factor = 1.0  # hardware FLOPs over model FLOPs: 4/3 when every block recomputes its forward
         # health
         self.corrupt = counter("coatnet_corrupt_samples_total", "Samples skipped because they failed to decode")
         self.checkpoint_seconds = gauge("coatnet_checkpoint_save_seconds", "Duration of the last checkpoint save, all ranks").labels(**labels)
@@ -148,6 +151,7 @@ class TrainingMonitor:
                 self.flops.set(rate * self.flops_per_image)
                 if self.peak_flops:
                     self.mfu.set(rate * self.flops_per_image / self.peak_flops)
+                    self.hfu.set(rate * self.flops_per_image * self.recompute_factor / self.peak_flops)
         self._window_images, self._window_seconds = 0, 0.0
 
     def restart_clock(self) -> None:

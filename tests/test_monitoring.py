@@ -52,6 +52,7 @@ EXPECTED = {
     # efficiency
     "coatnet_model_flops_per_second": ("gauge", set()),
     "coatnet_mfu_ratio": ("gauge", set()),
+    "coatnet_hardware_flops_utilisation_ratio": ("gauge", set()),
     # health
     "coatnet_device_memory_allocated_bytes": ("gauge", {"device"}),
     "coatnet_device_memory_peak_bytes": ("gauge", {"device"}),

@@ -53,11 +53,13 @@ def pretrain_entrypoint(*overrides: str) -> str:
 
 
 @pytest.mark.slow
-def test_hpz_trains_across_two_nodes_and_resumes(two_node_cluster, s3_endpoint, s3_bucket, demo_corpus):
+def test_hpz_trains_across_two_nodes_and_resumes(two_node_cluster, s3_endpoint, s3_bucket, demo_corpus, tmp_path):
     """4 workers, 2 per node, hpZ groups of 2 (one per node), checkpoints on S3: launch/submit.py
     (its client turning token mode on by itself) runs 2 steps and stops, the same command
     resumes and finishes 4. While the first runs, the Prometheus list names each worker under
-    its own node's address, and each listed exporter answers as the rank it is listed as."""
+    its own node's address, each listed exporter answers as the rank it is listed as, and a
+    real Prometheus run by `python -m monitoring.cluster` (the head's, which copies the lists
+    from storage) scrapes all four, on both nodes."""
     import s3fs
 
     fs = s3fs.S3FileSystem(endpoint_url=s3_endpoint, skip_instance_cache=True)
@@ -75,19 +77,38 @@ def test_hpz_trains_across_two_nodes_and_resumes(two_node_cluster, s3_endpoint, 
             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=REPO,
         )
 
-    first = submit("train.stop_at_step=2", "monitoring.linger_seconds=8")
-    targets_file, listed, answered = f"{s3_bucket}/runs/prometheus/hpz.json", None, {}
+    # Prometheus on the "head", started the documented way (docs/cluster.md, Monitoring).
+    prometheus_port = _free_port()
+    monitor = subprocess.Popen(
+        [sys.executable, "-m", "monitoring.cluster", "--targets", f"{runs}/prometheus", "--dir", str(tmp_path / "mon"),
+         "--no-grafana", "--prometheus-port", str(prometheus_port), "--scrape-interval", "1s", "--sync-every", "0.5"],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=REPO)
+    first = submit("train.stop_at_step=2", "monitoring.linger_seconds=10")
+    targets_file, listed, answered, scraped = f"{s3_bucket}/runs/prometheus/hpz.json", None, {}, set()
     deadline = time.monotonic() + 400
-    while first.poll() is None and time.monotonic() < deadline and not answered:
-        if fs.exists(targets_file):
-            listed = json.loads(fs.cat_file(targets_file))
-            for group in listed:  # scrape each listed exporter: which rank answers there?
-                target = group["targets"][0]
-                text = urllib.request.urlopen(f"http://{target}/metrics", timeout=5).read().decode()
-                answered[target] = re.search(r'coatnet_steps_total\{.*rank="(\d+)"', text)[1]
-        time.sleep(0.5)
-    output = first.communicate(timeout=400)[0]
+    try:
+        while first.poll() is None and time.monotonic() < deadline and not (answered and len(scraped) == 4):
+            if not answered and fs.exists(targets_file):
+                listed = json.loads(fs.cat_file(targets_file))
+                for group in listed:  # scrape each listed exporter: which rank answers there?
+                    target = group["targets"][0]
+                    text = urllib.request.urlopen(f"http://{target}/metrics", timeout=5).read().decode()
+                    answered[target] = re.search(r'coatnet_steps_total\{.*rank="(\d+)"', text)[1]
+            try:  # which workers has Prometheus scraped successfully?
+                query = f"http://127.0.0.1:{prometheus_port}/api/v1/query?query=up%7Bjob%3D%22coatnet_scale%22%7D%3D%3D1"
+                result = json.loads(urllib.request.urlopen(query, timeout=5).read())["data"]["result"]
+                scraped = {r["metric"]["instance"] for r in result}
+            except OSError:
+                pass  # Prometheus still starting
+            time.sleep(0.5)
+        output = first.communicate(timeout=400)[0]
+    finally:
+        monitor.terminate()
+        monitor_output = monitor.communicate(timeout=60)[0]
     assert first.returncode == 0, output[-4000:]
+    assert f"monitoring: Prometheus on 127.0.0.1:{prometheus_port}" in monitor_output, monitor_output[-2000:]
+    assert monitor.returncode == 0, monitor_output[-2000:]
+    assert len(scraped) == 4 and scraped == set(answered), (scraped, answered)  # both nodes' workers, every one
     assert "submit: job" in output and "SUCCEEDED" in output
 
     # Each node's two workers under that node's loopback address; each target serves its rank.
@@ -98,8 +119,8 @@ def test_hpz_trains_across_two_nodes_and_resumes(two_node_cluster, s3_endpoint, 
     assert "workers are on 2 nodes but publish loopback addresses (127.0.0.2, 127.0.0.3)" in output
     assert re.search(r"ZeRO-3: rank 0 holds [\d,]+ of [\d,]+ parameters \(25", output)  # 4-way primary partition
 
-    second = subprocess.run(submit().args, capture_output=True, text=True, env=env, cwd=REPO, timeout=400)
-    output = second.stdout + second.stderr
+    second = submit()  # once: submit() has started it
+    output = second.communicate(timeout=400)[0]
     assert second.returncode == 0, output[-4000:]
     assert f"resumed from {runs}/hpz/checkpoints/step_000000002: step 2" in output
     marker = json.loads(fs.cat_file(f"{s3_bucket}/runs/hpz/checkpoints/step_000000004/COMPLETE.json"))
@@ -250,6 +271,62 @@ def test_preflight_waits_for_an_autoscaling_cluster(group, tmp_path):
         assert "cluster: waiting for the autoscaler: its 1 node(s) hold 0 of the 2 workers (min_workers; up to 4)" in logs
         assert re.search(r"cluster: 2 node\(s\) hold 2 of up to 4 workers \(Ray Train asks for the rest", logs), logs[-3000:]
         assert "PREFLIGHT PASSED 2 nodes 2.0 CPUs" in logs
+
+
+PREFLIGHT_SHIPPED = """
+import sys
+from coatnet_scale.config import load_config
+from coatnet_scale.pretrain import PreflightError, connect_and_wait
+for path in sys.argv[1:]:
+    config = load_config(path, ["storage.url=s3://bucket/runs", "cluster.scale_up_timeout_s=1"])
+    try:
+        connect_and_wait(config)
+        print(path, "PASSED")
+    except PreflightError as e:
+        print(path, "STOPPED:", e, flush=True)
+"""
+
+
+@pytest.mark.slow
+def test_shipped_gpu_configs_wait_for_the_aws_cluster(tmp_path):
+    """Every shipped GPU config's preflight, on a cluster whose autoscaler (Ray's fake provider)
+    has launch/cluster-aws.yaml's node types and maxima and, like it, starts with a 0-CPU head
+    only: each asks the autoscaler and waits (cut short here by cluster.scale_up_timeout_s=1),
+    none is refused at once. The autoscaler's update interval outlasts the test, so none of
+    the 8-GPU nodes it would launch starts on this machine."""
+    import yaml
+    from test_launch import AWS, GPU_CONFIGS, P5
+
+    aws = yaml.safe_load(AWS.read_text())["available_node_types"]
+    port = _free_port()
+    fake = fake_autoscaling_config(f"127.0.0.1:{port}", max_workers=aws["gpu"]["max_workers"] + aws["cpu"]["max_workers"])
+    fake["available_node_types"] = {
+        "ray.head.default": {"resources": {"CPU": 0}, "node_config": {}, "max_workers": 0},
+        "gpu": {"resources": P5, "node_config": {}, "min_workers": 0, "max_workers": aws["gpu"]["max_workers"]},
+        "cpu": {"resources": {"CPU": 64}, "node_config": {}, "min_workers": 0, "max_workers": aws["cpu"]["max_workers"]},
+    }
+    config = tmp_path / "autoscaling.json"
+    config.write_text(json.dumps(fake))
+    script = tmp_path / "preflight.py"
+    script.write_text(PREFLIGHT_SHIPPED)
+    with ray_client_environment(), pytest.MonkeyPatch.context() as env:
+        env.setenv("RAY_FAKE_CLUSTER", "1")
+        env.setenv("AUTOSCALER_UPDATE_INTERVAL_S", "600")
+        cluster = RayCluster(dict(os.environ), num_cpus=0, head_args=("--autoscaling-config", str(config)), port=port)
+        try:
+            status, logs = run_job(cluster, shlex.join([sys.executable, str(script), *map(str, GPU_CONFIGS)]), timeout=240)
+        finally:
+            cluster.stop()
+    assert status == "SUCCEEDED", logs[-3000:]
+    from coatnet_scale.config import load_config
+
+    for path in GPU_CONFIGS:
+        workers = load_config(path).cluster.num_workers
+        lines = [line for line in logs.splitlines() if line.startswith(f"{path} ")]
+        assert len(lines) == 1 and "STOPPED: cluster: after" in lines[0], (path, lines)
+        assert f"its nodes hold 0 of the {workers} workers (cluster.scale_up_timeout_s 1)" in lines[0]
+    assert logs.count("cluster: waiting for the autoscaler: its 1 node(s) hold 0 of the") == len(GPU_CONFIGS)
+    assert "can grow to" not in logs and "Traceback" not in logs
 
 
 # -- the headline command, the wheel, dataprep ------------------------------------------------------

@@ -112,6 +112,7 @@ def start_training_monitor(config: Config, rank: int, world_size: int, device, s
         log.warning("cannot count %s's FLOPs (%s); FLOP/s and MFU not exported", model.name, e)
         flops = None
     monitor = TrainingMonitor(labels, device, flops, m.peak_tflops * 1e12 if m.peak_tflops else None)
+    monitor.recompute_factor = 4 / 3 if model.checkpointing.every else 1.0  # as the planner counts it
     monitor.linger_seconds = m.linger_seconds
     options = storage_options(config.storage)
     try:

@@ -12,6 +12,7 @@ device allocates nothing.
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 from dataclasses import dataclass
 
@@ -399,6 +400,7 @@ def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
+@functools.lru_cache(maxsize=64)  # the planner asks again for each candidate batch split
 def count_flops(model_name: str, image_size: int = 224, num_classes: int = 1000) -> int:
     """Forward FLOPs for one image (a multiply-add counts as 2), counted on the meta device."""
     from torch.utils.flop_counter import FlopCounterMode
