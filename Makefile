@@ -37,3 +37,21 @@ bench: $(VENV)/.installed
 	$(PY) benchmarks/read_amplification.py
 	$(PY) benchmarks/listing_memory.py
 	$(PY) benchmarks/reshard_cost.py
+
+# Every dependency at exactly its floor in pyproject.toml (extras included), in a venv of its
+# own, running the fast tier: run it when a floor changes (not in CI; the first run downloads
+# torch and its CUDA libraries). docs/install.md lists the floors and why.
+FLOORS ?= .venv-floors
+.PHONY: test-floors
+$(FLOORS)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(FLOORS)
+	$(FLOORS)/bin/python -m pip install --quiet --upgrade pip
+	$(PYTHON) -c 'import tomllib; p = tomllib.load(open("pyproject.toml", "rb"))["project"]; \
+	    print(*[d.replace(">=", "==") for d in p["dependencies"] + sum(p["optional-dependencies"].values(), [])], sep="\n")' \
+	    > $(FLOORS)/floors.txt
+	$(FLOORS)/bin/python -m pip install --quiet -r $(FLOORS)/floors.txt -e .
+	touch $@
+
+test-floors: $(FLOORS)/.installed
+	$(FLOORS)/bin/python -m pip check
+	$(FLOORS)/bin/python -m pytest -q -m "not slow"
