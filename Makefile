@@ -54,4 +54,5 @@ $(FLOORS)/.installed: pyproject.toml tests/floors.py
 # the build folder the pinned venv's runs share (where each would rebuild over the other's).
 test-floors: $(FLOORS)/.installed
 	$(FLOORS)/bin/python -m pip check
+	$(FLOORS)/bin/python -c "import deepspeed, ray.train.torch, ray.autoscaler.sdk, s3fs, timm"  # what the slow tier needs imports at the floors too
 	TORCH_EXTENSIONS_DIR=$(abspath $(FLOORS))/torch_extensions $(FLOORS)/bin/python -m pytest -q -m "not slow"
