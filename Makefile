@@ -44,3 +44,22 @@ bench: $(VENV)/.installed
 .PHONY: wheelhouse
 wheelhouse: $(VENV)/.installed
 	PY=$(PY) bash launch/wheelhouse.sh
+
+# Every dependency at exactly its floor in pyproject.toml (extras included), in a venv of its
+# own, running the fast tier: run it when a floor changes (not in CI; the first run downloads
+# torch and its CUDA libraries). docs/install.md lists the floors and why.
+FLOORS ?= .venv-floors
+.PHONY: test-floors
+$(FLOORS)/.installed: pyproject.toml tests/floors.py
+	$(PYTHON) -m venv $(FLOORS)
+	$(FLOORS)/bin/python -m pip install --quiet --upgrade pip
+	$(PYTHON) tests/floors.py > $(FLOORS)/floors.txt
+	$(FLOORS)/bin/python -m pip install --quiet -r $(FLOORS)/floors.txt -e .
+	touch $@
+
+# DeepSpeed's just-in-time ops are built into the floors venv: against its torch, and not in
+# the build folder the pinned venv's runs share (where each would rebuild over the other's).
+test-floors: $(FLOORS)/.installed
+	$(FLOORS)/bin/python -m pip check
+	$(FLOORS)/bin/python -c "import deepspeed, ray.train.torch, ray.autoscaler.sdk, s3fs, timm"  # what the slow tier needs imports at the floors too
+	TORCH_EXTENSIONS_DIR=$(abspath $(FLOORS))/torch_extensions $(FLOORS)/bin/python -m pytest -q -m "not slow"
