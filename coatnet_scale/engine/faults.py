@@ -3,6 +3,7 @@
     COATNET_SCALE_FAULT=nan@step=25            rank 0's loss is NaN at step 25 (rank=R for another)
     COATNET_SCALE_FAULT=hang@step=12,rank=1    rank 1 freezes (SIGSTOP to itself) at the start of step 12
     COATNET_SCALE_FAULT=slow@step=5,rank=1,seconds=0.5   rank 1's compute takes 0.5 s longer from step 5
+    COATNET_SCALE_FAULT='slow@step=5,rank=1,seconds=0.5;nan@step=9'   several, separated by ';'
 
 A fault fires once per run: the rank it hits first records it under
 {storage.url}/{run_name}/health/faults/, and a later attempt (a restart, a rollback) finds the
@@ -36,24 +37,25 @@ def parse(text: str) -> dict:
 
 
 class Faults:
-    """This rank's view of the injected fault (none when the variable is unset)."""
+    """This rank's view of the injected faults (none when the variable is unset)."""
 
     def __init__(self, run_url: str, storage_options: dict, rank: int):
-        text = os.environ.get(VARIABLE)
-        self.fault = parse(text) if text else None
+        text = os.environ.get(VARIABLE, "")
+        self.faults = {f["kind"]: f for f in map(parse, filter(str.strip, text.split(";")))}
         self.rank = rank
         self.slow = 0.0  # seconds added to every step's compute once a slow fault fired
-        if self.fault is not None:
-            self.fs, root = url_to_fs(f"{run_url.rstrip('/')}/health/faults", storage_options)
-            self.record = f"{root}/{self.fault['kind']}-step{self.fault['step']}-rank{self.fault['rank']}.json"
+        self.fs, self.root = url_to_fs(f"{run_url.rstrip('/')}/health/faults", storage_options)
 
     def _fires(self, kind: str, step: int) -> bool:
-        f = self.fault
-        if f is None or f["kind"] != kind or f["rank"] != self.rank or step != f["step"] or self.fs.exists(self.record):
+        f = self.faults.get(kind)
+        if f is None or f["rank"] != self.rank or step != f["step"]:
+            return False
+        record = f"{self.root}/{kind}-step{f['step']}-rank{f['rank']}.json"
+        if self.fs.exists(record):  # fired in an earlier attempt of the run
             return False
         if isinstance(self.fs, LocalFileSystem):  # an object store needs no folders
-            self.fs.makedirs(self.record.rsplit("/", 1)[0], exist_ok=True)
-        write_atomic(self.fs, self.record, json.dumps({**f, "time": time.time()}).encode())
+            self.fs.makedirs(self.root, exist_ok=True)
+        write_atomic(self.fs, record, json.dumps({**f, "time": time.time()}).encode())
         print(f"fault injection ({VARIABLE}): {kind} on rank {self.rank} at step {step}", flush=True)
         return True
 
@@ -66,6 +68,6 @@ class Faults:
 
     def delay(self, step: int) -> None:
         if self._fires("slow", step):
-            self.slow = self.fault["seconds"]
+            self.slow = self.faults["slow"]["seconds"]
         if self.slow:
             time.sleep(self.slow)

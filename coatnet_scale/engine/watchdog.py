@@ -48,10 +48,11 @@ def diagnostics_url(run_url: str, job: str | None) -> str:
     return f"{run_url.rstrip('/')}/diagnostics/{job or 'standalone'}"
 
 
-def flight_recorder_env(run_url: str, job: str | None) -> dict:
-    """NCCL flight-recorder settings (GPUs): dumped on a collective timeout, next to the stacks.
-    The recorder needs TORCH_NCCL_ASYNC_ERROR_HANDLING=3, not Ray's default 1."""
-    fs, path = url_to_fs(diagnostics_url(run_url, job))
+def flight_recorder_env(run_url: str) -> dict:
+    """NCCL flight-recorder settings (GPUs): dumped on a collective timeout, into diagnostics/
+    (a node-local folder, uploaded by the next attempt, for object storage). The recorder needs
+    TORCH_NCCL_ASYNC_ERROR_HANDLING=3, not Ray's default 1."""
+    fs, path = url_to_fs(f"{run_url.rstrip('/')}/diagnostics")
     folder = path if isinstance(fs, LocalFileSystem) else local_folder(run_url)
     return {"TORCH_NCCL_ASYNC_ERROR_HANDLING": "3", "TORCH_FR_BUFFER_SIZE": "2000", "TORCH_NCCL_DUMP_ON_TIMEOUT": "1",
             "TORCH_FR_DUMP_TEMP_FILE": os.path.join(folder, "nccl_trace_rank_")}
