@@ -189,6 +189,13 @@ class TrainingMonitor:
         self.rollbacks.set(count)
         self.rollback_time.set(when)
 
+    def resumed(self, step: int, epoch: int) -> None:
+        """The loop starts again from a checkpoint in the same processes (a rollback)."""
+        self.checkpoint_step.set(step)
+        self.step_number.set(step)
+        self.epoch.set(epoch)
+        self.restart_clock()
+
     def close(self) -> None:
         """After the last step: keep serving `linger_seconds`, then stop and withdraw the targets.
         Every rank lingers, exporter or not, so rank 0 withdraws the list only after the others."""
@@ -216,6 +223,7 @@ class NullMonitor:
     def skipped(self): pass
     def straggler(self, ratio): pass
     def rolled_back(self, count, when): pass
+    def resumed(self, step, epoch): pass
     def close(self): pass
 
 

@@ -311,10 +311,11 @@ def _attempts(config: Config, placement: Placement, options: dict, watchdog: Wat
         if problems:
             raise RuntimeError("; ".join(problems))
         faults = Faults(run_url(config), options, rank)
+        monitors: list = []  # one for every attempt: a rollback is not a new worker group
         while True:
             try:
                 final = _train(config, placement, device, checkpoints, tag, marker, report, progress, watchdog, nodes,
-                               faults)
+                               faults, monitors)
                 break
             except Rollback:
                 gc.collect()  # the attempt's engine and loaders, before the next is built
@@ -332,7 +333,8 @@ def _attempts(config: Config, placement: Placement, options: dict, watchdog: Wat
 
 
 def _train(config: Config, placement: Placement, device: torch.device, checkpoints: Checkpoints, tag: str | None,
-           marker: dict | None, report, progress: dict, watchdog: Watchdog, nodes: list[str], faults: Faults) -> dict:
+           marker: dict | None, report, progress: dict, watchdog: Watchdog, nodes: list[str], faults: Faults,
+           monitors: list) -> dict:
     rank, world_size = placement.rank, placement.world_size
     c = config.cluster
     plan = batch_plan(config.train, world_size, c.num_workers, c.min_workers or c.num_workers)
@@ -400,15 +402,15 @@ def _train(config: Config, placement: Placement, device: torch.device, checkpoin
               "world_size": world_size, "num_workers": config.data.num_workers, "batch_size": t.micro_batch_size}
     epoch, batch_in_epoch, phases = health.skip(loader, loaded, t.grad_accum_steps, epoch, batch_in_epoch, phases)
     batches = EpochBatches(loader, epoch, batch_in_epoch, phases)
-    monitor = _monitor(config, rank, world_size, device, step, epoch)
+    if monitors:
+        monitor = monitors[0]
+        monitor.resumed(step, epoch)
+    else:
+        monitor = _monitor(config, rank, world_size, device, step, epoch)
+        monitors.append(monitor)
     health.started(monitor)
-    try:
-        return _loop(config, placement, engine, scheduler, checkpoints, batches, validation, ema, monitor, health,
-                     watchdog, faults, group, step, report, progress)
-    except Rollback:
-        monitor.linger_seconds = 0  # the next attempt serves the metrics
-        monitor.close()
-        raise
+    return _loop(config, placement, engine, scheduler, checkpoints, batches, validation, ema, monitor, health,
+                 watchdog, faults, group, step, report, progress)
 
 
 def _loop(config: Config, placement: Placement, engine, scheduler, checkpoints: Checkpoints, batches: EpochBatches,
