@@ -281,7 +281,7 @@ def report_diagnostics(config: Config, since: float) -> None:
     from coatnet_scale.engine.worker import run_url
 
     fs, path = url_to_fs(f"{run_url(config)}/diagnostics", storage_options(config.storage))
-    dumps = [p for p in fs.find(path) if fs.modified(p).timestamp() >= since] if fs.exists(path) else []
+    dumps = [p for p in fs.find(path) if fs.size(p) and fs.modified(p).timestamp() >= since] if fs.exists(path) else []
     if dumps:
         print(f"diagnostics: {len(dumps)} stack dump(s) of ranks whose step hung, in {run_url(config)}/diagnostics/",
               flush=True)

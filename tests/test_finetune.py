@@ -1,4 +1,5 @@
-"""Pretraining on a real Ray cluster (`ray start`, `ray job submit`, a worker killed mid-run),
+"""Pretraining on a real Ray cluster (`ray start`, `ray job submit`, a worker killed mid-run, another
+frozen later),
 then the hand-off: launch/handoff.py fine-tunes its newest complete checkpoint at twice the
 resolution with a new classifier, launch/submit.py fine-tunes it on 1 worker, and the
 evaluate command scores the results."""
@@ -98,13 +99,17 @@ def cluster():
 @pytest.fixture(scope="module")
 def pretrained(cluster, demo_corpus, tmp_path_factory):
     """configs/tiny.yaml in bf16, as GPUs run it, submitted with `ray job submit`; one training
-    worker is SIGKILLed once the step-50 checkpoint is complete. Returns (storage folder, job logs)."""
+    worker is SIGKILLed once the step-50 checkpoint is complete, and rank 1 freezes itself
+    (SIGSTOP, COATNET_SCALE_FAULT) at step 110, which rank 0's watchdog (train.hang_timeout_s 30)
+    ends. Returns (storage folder, job logs)."""
     storage = tmp_path_factory.mktemp("storage")
-    overrides = [f"storage.url={storage}", *data_overrides(demo_corpus), "run_name=job", "deepspeed.bf16=true"]
+    overrides = [f"storage.url={storage}", *data_overrides(demo_corpus), "run_name=job", "deepspeed.bf16=true",
+                 f"train.hang_timeout_s={HANG_TIMEOUT_S}"]
+    fault = json.dumps({"env_vars": {"COATNET_SCALE_FAULT": "hang@step=110,rank=1"}})
     command = [sys.executable, "-m", "coatnet_scale.pretrain", "--config", str(TINY), *(f"--set={o}" for o in overrides)]
     for attempt in range(30):  # the head's job agent comes up a few seconds after the dashboard
         submit = subprocess.run([RAY, "job", "submit", "--address", cluster.dashboard, "--submission-id", "tiny-job",
-                                 "--no-wait", "--", *command], capture_output=True, text=True, timeout=120)
+                                 "--runtime-env-json", fault, "--no-wait", "--", *command], capture_output=True, text=True, timeout=120)
         if submit.returncode == 0 or "No available agent" not in submit.stderr:
             break
         time.sleep(2)
@@ -130,8 +135,11 @@ def pretrained(cluster, demo_corpus, tmp_path_factory):
     return storage, logs
 
 
+HANG_TIMEOUT_S = 30
+
+
 @pytest.mark.slow
-def test_ray_job_submit_trains_and_survives_a_killed_worker(pretrained):
+def test_ray_job_submit_trains_and_survives_a_killed_and_a_frozen_worker(pretrained):
     storage, logs = pretrained
     assert re.search(r"resumed from .*step_0000000(50|100): step (50|100)", logs), "the restarted group did not resume"
     held = re.search(r"ZeRO-3: rank 0 holds ([\d,]+) of ([\d,]+) parameters", logs)
@@ -143,8 +151,18 @@ def test_ray_job_submit_trains_and_survives_a_killed_worker(pretrained):
     # Ten digit classes: chance is 10%; an uninterrupted fp32 run of this config reaches 96%, and
     # bf16 (weights, activations) must stay in that band.
     assert metrics["final"]["val_top1"] > 0.85
-    # The worker group started twice (the kill restarted it); monitoring counts each start.
-    assert len(list((storage / "job" / "monitoring" / "group_starts").iterdir())) == 2
+    # The worker group started three times (the kill and the freeze restarted it); monitoring
+    # counts each start.
+    starts = sorted(json.loads(p.read_text())["time"] for p in (storage / "job" / "monitoring" / "group_starts").iterdir())
+    assert len(starts) == 3
+    # The frozen rank: its peer's watchdog ended the attempt, and the group was training again
+    # (resumed, its monitor up) within hang_timeout_s + 90 s of the freeze.
+    frozen = json.loads((storage / "job" / "health" / "faults" / "hang-step110-rank1.json").read_text())["time"]
+    assert 0 < starts[-1] - frozen < HANG_TIMEOUT_S + 90, starts[-1] - frozen
+    assert re.search(r"resumed from .*step_000000100: step 100", logs)
+    dumps = [p.read_text() for p in (storage / "job" / "diagnostics").glob("*/*-rank00000-*.txt")]
+    assert any("most recent call first" in d and "worker.py" in d for d in dumps), dumps
+    assert "diagnostics: 1 stack dump(s) of ranks whose step hung" in logs
 
 
 @pytest.mark.slow
