@@ -115,7 +115,7 @@ def test_a_nan_rolls_back_and_a_slow_rank_is_named(demo_corpus, tmp_path):
         everything = keys(manifest, "--rank", str(rank), "--world-size", "2", "--num-workers", "1", "--batch-size", "32")
         assert mine == everything[6 * 32:9 * 32]
     metrics = json.loads(sorted((tmp_path / "tiny").glob("metrics-step*.json"))[-1].read_text())["final"]
-    assert math.isfinite(metrics["loss"]) and metrics["val_top1"] > 0.2  # chance is 0.1
+    assert metrics["loss"] < 2.2  # learning: chance is ln 10 = 2.30 (in band after 150 steps: test_finetune.py)
 
 
 @pytest.mark.slow

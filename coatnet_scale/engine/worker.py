@@ -318,11 +318,12 @@ def _attempts(config: Config, placement: Placement, options: dict, watchdog: Wat
                                faults, monitors)
                 break
             except Rollback:
-                gc.collect()  # the attempt's engine and loaders, before the next is built
-                if device.type == "cuda":
-                    torch.cuda.empty_cache()
-                watchdog.arm(config.train.startup_timeout_s)
-                tag, marker = checkpoints.choose()
+                pass
+            gc.collect()  # the attempt's engine and loaders (the exception held them), before the next is built
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+            watchdog.arm(config.train.startup_timeout_s)
+            tag, marker = checkpoints.choose()
         if "stopped" in final and failures is not None and rank == 0:
             failures.stop(final["stopped"])  # what the Ray driver reads
         return final
