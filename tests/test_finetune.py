@@ -99,17 +99,17 @@ def cluster():
 @pytest.fixture(scope="module")
 def pretrained(cluster, demo_corpus, tmp_path_factory):
     """configs/tiny.yaml in bf16, as GPUs run it, submitted with `ray job submit`; one training
-    worker is SIGKILLed once the step-50 checkpoint is complete, and rank 1 freezes itself
-    (SIGSTOP, COATNET_SCALE_FAULT) at step 110, which rank 0's watchdog (train.hang_timeout_s 30)
-    ends. Returns (storage folder, job logs)."""
+    worker is SIGKILLed once the step-50 checkpoint is complete; rank 0's loss is NaN at step 75
+    (COATNET_SCALE_FAULT), rolled back to step 50; rank 1 freezes itself (SIGSTOP) at step 110,
+    which rank 0's watchdog (train.hang_timeout_s 30) ends. Returns (storage folder, job logs)."""
     storage = tmp_path_factory.mktemp("storage")
     overrides = [f"storage.url={storage}", *data_overrides(demo_corpus), "run_name=job", "deepspeed.bf16=true",
                  f"train.hang_timeout_s={HANG_TIMEOUT_S}"]
-    fault = json.dumps({"env_vars": {"COATNET_SCALE_FAULT": "hang@step=110,rank=1"}})
+    fault = "COATNET_SCALE_FAULT=nan@step=75;hang@step=110,rank=1"  # the driver hands it to the workers
     command = [sys.executable, "-m", "coatnet_scale.pretrain", "--config", str(TINY), *(f"--set={o}" for o in overrides)]
     for attempt in range(30):  # the head's job agent comes up a few seconds after the dashboard
         submit = subprocess.run([RAY, "job", "submit", "--address", cluster.dashboard, "--submission-id", "tiny-job",
-                                 "--runtime-env-json", fault, "--no-wait", "--", *command], capture_output=True, text=True, timeout=120)
+                                 "--no-wait", "--", "env", fault, *command], capture_output=True, text=True, timeout=120)
         if submit.returncode == 0 or "No available agent" not in submit.stderr:
             break
         time.sleep(2)
@@ -163,6 +163,10 @@ def test_ray_job_submit_trains_and_survives_a_killed_and_a_frozen_worker(pretrai
     dumps = [p.read_text() for p in (storage / "job" / "diagnostics").glob("*/*-rank00000-*.txt")]
     assert any("most recent call first" in d and "worker.py" in d for d in dumps), dumps
     assert "diagnostics: 1 stack dump(s) of ranks whose step hung" in logs
+    # The NaN: one rollback, in the same worker group, the batches of steps 51-75 skipped.
+    (record,) = [json.loads(p.read_text()) for p in (storage / "job" / "health").glob("rollback-*.json")]
+    assert (record["step"], record["checkpoint"], record["skip_steps"]) == (75, "step_000000050", 25)
+    assert sum(s["to_batch"] - s["from_batch"] for s in record["skipped"]) == 25
 
 
 @pytest.mark.slow
