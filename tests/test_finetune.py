@@ -4,6 +4,7 @@ then the hand-off: launch/handoff.py fine-tunes its newest complete checkpoint a
 resolution with a new classifier, launch/submit.py fine-tunes it on 1 worker, and the
 evaluate command scores the results."""
 import json
+import math
 import os
 import re
 import signal
@@ -147,7 +148,8 @@ def test_ray_job_submit_trains_and_survives_a_killed_and_a_frozen_worker(pretrai
     metrics = read_metrics(storage / "job")
     assert metrics["final"]["step"] == 150
     history = metrics["history"]
-    assert history[-1]["loss"] < 0.7 * history[0]["loss"], "the loss did not fall"
+    # The loss fell from chance's (ln 10; the last attempt's history starts at step 100).
+    assert history[-1]["loss"] < 0.7 * math.log(10), "the loss did not fall"
     # Ten digit classes: chance is 10%; an uninterrupted fp32 run of this config reaches 96%, and
     # bf16 (weights, activations) must stay in that band.
     assert metrics["final"]["val_top1"] > 0.85
