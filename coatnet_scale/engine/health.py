@@ -75,7 +75,7 @@ class Health:
         self.rollbacks = len([r for r in records if r["checkpoint"] == checkpoint])  # to it, before this attempt
         self.losses: deque[float] = deque(maxlen=t.spike_window)
         self.skipped_in_a_row, self.first_skipped = 0, None
-        self.compute = torch.zeros(world_size, dtype=torch.float64)  # summed over the straggler window
+        self.compute = [0.0] * world_size  # each rank's, summed over the straggler window
         self.window = 0
         self.records = records
 
@@ -94,18 +94,18 @@ class Health:
               compute: float) -> dict:
         """Collective, once per step. Returns the group's loss (mean), corrupt samples and images;
         raises Rollback, or returns {"stopped": reason} when the run must stop."""
-        values = torch.zeros(FLAGS + self.world_size, dtype=torch.float64)
         grad_finite = grad_norm is None or math.isfinite(float(grad_norm))
-        values[:FLAGS] = torch.tensor([loss if math.isfinite(loss) else 0.0, not math.isfinite(loss), not grad_finite,
-                                       not applied, corrupt, images], dtype=torch.float64)
-        values[FLAGS + self.rank] = compute
-        agreed = collectives.all_reduce(values.to(self.device)).cpu()
+        slots = [0.0] * self.world_size
+        slots[self.rank] = compute
+        values = [loss if math.isfinite(loss) else 0.0, not math.isfinite(loss), not grad_finite, not applied, corrupt,
+                  images, *slots]
+        agreed = collectives.all_reduce(torch.tensor(values, dtype=torch.float64, device=self.device)).tolist()
         self.monitor.computed(compute)
-        self.compute += agreed[FLAGS:]
+        self.compute = [total + seconds for total, seconds in zip(self.compute, agreed[FLAGS:])]
         self.window += 1
         if self.window >= self.monitoring.straggler_every_steps:
             self._stragglers(step)
-        loss_mean = agreed[0].item() / self.world_size
+        loss_mean = agreed[0] / self.world_size
         result = {"loss": loss_mean if not agreed[1] else math.nan, "corrupt": int(agreed[4]), "images": int(agreed[5])}
         if agreed[1]:
             return self._trouble(step, f"the loss is not finite on {int(agreed[1])} rank(s)")
@@ -131,16 +131,17 @@ class Health:
         t = self.train
         if not t.spike_sigma or len(self.losses) < 64:
             return None
-        mean, sigma = statistics.fmean(self.losses), statistics.pstdev(self.losses)
+        mean = math.fsum(self.losses) / len(self.losses)
+        sigma = math.sqrt(math.fsum((x - mean) ** 2 for x in self.losses) / len(self.losses))
         if loss > mean + t.spike_sigma * sigma:
             return (f"loss spike: {loss:.4g} above the mean {mean:.4g} + {t.spike_sigma:g} sigma ({sigma:.3g}) "
                     f"of the last {len(self.losses)} steps")
         return None
 
     def _stragglers(self, step: int) -> None:
-        means = (self.compute / self.window).tolist()
+        means = [total / self.window for total in self.compute]
         median = statistics.median(means)
-        self.compute.zero_()
+        self.compute = [0.0] * self.world_size
         self.window = 0
         if median <= 0:
             return
