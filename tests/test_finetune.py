@@ -21,6 +21,13 @@ TINY, TINY_FT = REPO / "configs" / "tiny.yaml", REPO / "configs" / "tiny_ft.yaml
 RAY = str(Path(sys.executable).parent / "ray")
 
 
+def keys(*args: str) -> list[str]:
+    """`python -m coatnet_scale.data keys ...`, split into words."""
+    result = subprocess.run([sys.executable, "-m", "coatnet_scale.data", "keys", *args], capture_output=True, text=True,
+                            check=True)
+    return result.stdout.split()
+
+
 def read_metrics(run: Path) -> dict:
     return json.loads(sorted(run.glob("metrics-step*.json"))[-1].read_text())
 
@@ -102,11 +109,14 @@ def pretrained(cluster, demo_corpus, tmp_path_factory):
     """configs/tiny.yaml in bf16, as GPUs run it, submitted with `ray job submit`; one training
     worker is SIGKILLed once the step-50 checkpoint is complete; rank 0's loss is NaN at step 75
     (COATNET_SCALE_FAULT), rolled back to step 50; rank 1 freezes itself (SIGSTOP) at step 110,
-    which rank 0's watchdog (train.hang_timeout_s 30) ends. Returns (storage folder, job logs)."""
+    which rank 0's watchdog (train.hang_timeout_s 30) ends; rank 1 computes 1 s longer per step
+    from step 130. Returns (storage folder, job logs)."""
     storage = tmp_path_factory.mktemp("storage")
     overrides = [f"storage.url={storage}", *data_overrides(demo_corpus), "run_name=job", "deepspeed.bf16=true",
-                 f"train.hang_timeout_s={HANG_TIMEOUT_S}"]
-    fault = "COATNET_SCALE_FAULT=nan@step=75;hang@step=110,rank=1"  # the driver hands it to the workers
+                 f"train.hang_timeout_s={HANG_TIMEOUT_S}", "monitoring.straggler_every_steps=10",
+                 "monitoring.straggler_ratio=1.25"]
+    # The driver hands it to the workers.
+    fault = "COATNET_SCALE_FAULT=nan@step=75;hang@step=110,rank=1;slow@step=130,rank=1,seconds=1"
     command = [sys.executable, "-m", "coatnet_scale.pretrain", "--config", str(TINY), *(f"--set={o}" for o in overrides)]
     for attempt in range(30):  # the head's job agent comes up a few seconds after the dashboard
         submit = subprocess.run([RAY, "job", "submit", "--address", cluster.dashboard, "--submission-id", "tiny-job",
@@ -140,7 +150,7 @@ HANG_TIMEOUT_S = 30
 
 
 @pytest.mark.slow
-def test_ray_job_submit_trains_and_survives_a_killed_and_a_frozen_worker(pretrained):
+def test_ray_job_submit_trains_and_survives_a_killed_and_a_frozen_worker(pretrained, demo_corpus):
     storage, logs = pretrained
     assert re.search(r"resumed from .*step_0000000(50|100): step (50|100)", logs), "the restarted group did not resume"
     held = re.search(r"ZeRO-3: rank 0 holds ([\d,]+) of ([\d,]+) parameters", logs)
@@ -169,6 +179,19 @@ def test_ray_job_submit_trains_and_survives_a_killed_and_a_frozen_worker(pretrai
     (record,) = [json.loads(p.read_text()) for p in (storage / "job" / "health").glob("rollback-*.json")]
     assert (record["step"], record["checkpoint"], record["skip_steps"]) == (75, "step_000000050", 25)
     assert sum(s["to_batch"] - s["from_batch"] for s in record["skipped"]) == 25
+    # ... and the keys CLI lists exactly those batches of each rank's epoch plan.
+    skipped = keys("--skipped", str(storage / "job"))
+    for rank in (0, 1):
+        mine = [k for where, k in zip(skipped[::2], skipped[1::2]) if where == f"75:{rank}"]
+        expected = []
+        for span in record["skipped"]:
+            epoch = keys(f"{demo_corpus}/train/manifest.json", "--rank", str(rank), "--world-size", "2",
+                         "--num-workers", "1", "--batch-size", "32", "--epoch", str(span["epoch"]))
+            expected += epoch[span["from_batch"] * 32:span["to_batch"] * 32]  # only a slot's last batch is short
+        assert mine == expected and len(mine) > 24 * 32
+    # The slow rank (the median of two ranks is their mean: (c + 1) / (c + 0.5) >= 1.25 for c <= 1.5 s).
+    assert re.search(r"straggler: rank 1 \(node \w+\) compute [\d.]+ s vs median", logs)
+    assert "straggler: rank 0" not in logs
 
 
 @pytest.mark.slow
