@@ -102,6 +102,19 @@ class TrainConfig(Section):
     elastic_min_micro_batch: int | None = Field(
         None, ge=1, description="the smallest micro-batch an elastic group may run (default: half micro_batch_size); "
                                 "smaller means more accumulation steps, each a full ZeRO-3 parameter gather")
+    # Run health (docs/engine.md, Run health).
+    hang_timeout_s: float = Field(600.0, gt=0, description="a step that takes longer makes every rank that is still "
+                                                           "running dump its stacks to diagnostics/ and exit, so the group restarts")
+    startup_timeout_s: float = Field(3600.0, gt=0, description="the same for the first step after a start or resume "
+                                                               "(model build, resume, conversion), evaluation and checkpoints")
+    max_skipped_steps: int = Field(3, ge=1, description="roll back after this many consecutive steps DeepSpeed skipped "
+                                                        "(non-finite gradient norm)")
+    spike_sigma: float = Field(6.0, ge=0.0, description="roll back on a loss above the rolling mean + this many standard "
+                                                        "deviations; 0 disables")
+    spike_window: int = Field(128, ge=64, description="steps in the rolling loss statistics (at least 64 are needed)")
+    spike_skip_batches: int = Field(0, ge=0, description="after a rollback, also skip this many steps' batches after the "
+                                                         "trouble step")
+    max_rollbacks: int = Field(3, ge=0, description="rollbacks to one checkpoint before the run stops (exit 1)")
 
 
 class ClusterConfig(Section):
@@ -183,6 +196,8 @@ class MonitoringConfig(Section):
     targets_dir: str | None = Field(None, description="Prometheus file_sd folder, one {run_name}.json per run; default {storage.url}/prometheus")
     peak_tflops: float | None = Field(None, gt=0, description="one device's peak TFLOP/s at the training precision, for MFU; unset: no MFU")
     linger_seconds: float = Field(0.0, ge=0, description="keep serving /metrics this long after training, so the final values get scraped")
+    straggler_every_steps: int = Field(100, ge=1, description="rank 0 compares the ranks' compute time every this many steps")
+    straggler_ratio: float = Field(1.2, gt=1.0, description="log a rank whose compute time is this many times the median")
 
     @field_validator("targets_dir")
     @classmethod
@@ -227,6 +242,14 @@ class Config(Section):
         c = self.cluster
         if c.min_workers is not None and c.min_workers > c.num_workers:
             raise ValueError(f"cluster.min_workers={c.min_workers} must not exceed cluster.num_workers={c.num_workers}")
+        return self
+
+    @model_validator(mode="after")
+    def _startup_after_hang(self) -> "Config":
+        t = self.train
+        if t.startup_timeout_s < t.hang_timeout_s:
+            raise ValueError(f"train.startup_timeout_s={t.startup_timeout_s:g} must not be below "
+                             f"train.hang_timeout_s={t.hang_timeout_s:g} (the first step does more than a step)")
         return self
 
     @model_validator(mode="after")

@@ -247,6 +247,7 @@ def connect_and_wait(config: Config) -> list[dict]:
 
     # DeepSpeed reads DS_ACCELERATOR once, at import, in each worker: it must come with the job.
     env = {"DS_ACCELERATOR": "cuda" if config.cluster.use_gpu else "cpu"}
+    env.update(worker_env(config))
     private = False  # a local instance of our own never grows
     if not ray.is_initialized():
         if os.environ.get("RAY_ADDRESS"):  # under `ray job submit`, or pointed at a cluster
@@ -261,11 +262,36 @@ def connect_and_wait(config: Config) -> list[dict]:
     return nodes
 
 
+def worker_env(config: Config) -> dict:
+    """What the workers' environment needs for run health: on GPUs the NCCL flight recorder,
+    dumping beside the stacks; a test's injected fault (engine/faults.py), when set here."""
+    from coatnet_scale.engine.faults import VARIABLE
+    from coatnet_scale.engine.watchdog import flight_recorder_env
+    from coatnet_scale.engine.worker import run_url
+
+    env = {VARIABLE: os.environ[VARIABLE]} if os.environ.get(VARIABLE) else {}
+    if config.cluster.use_gpu:
+        env.update({k: os.environ.get(k, v) for k, v in flight_recorder_env(run_url(config)).items()})
+    return env
+
+
+def report_diagnostics(config: Config, since: float) -> None:
+    """Name the stack dumps that ranks which stopped making progress wrote during this job."""
+    from coatnet_scale.engine.worker import run_url
+
+    fs, path = url_to_fs(f"{run_url(config)}/diagnostics", storage_options(config.storage))
+    dumps = [p for p in fs.find(path) if fs.size(p) and fs.modified(p).timestamp() >= since] if fs.exists(path) else []
+    if dumps:
+        print(f"diagnostics: {len(dumps)} stack dump(s) of ranks whose step hung, in {run_url(config)}/diagnostics/",
+              flush=True)
+
+
 def run(config: Config) -> dict:
     connect_and_wait(config)
     from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
+    from coatnet_scale.engine.watchdog import collective_timeout_s
     from coatnet_scale.engine.worker import train_worker
 
     c = config.cluster
@@ -281,9 +307,15 @@ def run(config: Config) -> dict:
             storage_path=f"{config.storage.url.rstrip('/')}/ray",
             failure_config=FailureConfig(max_failures=c.max_failures),
         ),
-        torch_config=TorchConfig(backend="nccl" if c.use_gpu else "gloo"),
+        # Longer than the step watchdog, so a rank stuck in a collective dumps its stacks first.
+        torch_config=TorchConfig(backend="nccl" if c.use_gpu else "gloo",
+                                 timeout_s=int(collective_timeout_s(config.train.hang_timeout_s))),
     )
-    trainer.fit()
+    started = time.time()
+    try:
+        trainer.fit()
+    finally:
+        report_diagnostics(config, started)
     from coatnet_scale.engine.failures import FailureLog
     from coatnet_scale.engine.worker import ray_job_key, run_url
 

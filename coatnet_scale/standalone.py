@@ -29,9 +29,10 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def init_process_group(use_gpu: bool):
+def init_process_group(use_gpu: bool, hang_timeout_s: float = 600.0):
     """Join torchrun's group (RANK, WORLD_SIZE, MASTER_ADDR… in the environment) or start a
     group of one on loopback. Returns this worker's Placement."""
+    from coatnet_scale.engine.watchdog import collective_timeout_s
     from coatnet_scale.engine.worker import Placement
 
     if "RANK" not in os.environ:
@@ -40,8 +41,8 @@ def init_process_group(use_gpu: bool):
     rank, world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if not dist.is_initialized():
-        # 30 minutes, as Ray Train's.
-        timeout = timedelta(minutes=30)
+        # Longer than the step watchdog, so a rank stuck in a collective dumps its stacks first.
+        timeout = timedelta(seconds=collective_timeout_s(hang_timeout_s))
         if use_gpu:
             torch.cuda.set_device(local_rank)
             dist.init_process_group("nccl", device_id=torch.device("cuda", local_rank), timeout=timeout)
@@ -59,7 +60,13 @@ def run(config: Config, preflight) -> dict:
     stop every rank. Returns rank 0's final figures (every rank returns its own)."""
     use_gpu = config.cluster.use_gpu
     os.environ.setdefault("DS_ACCELERATOR", "cuda" if use_gpu else "cpu")  # read once, when DeepSpeed is imported
-    placement = init_process_group(use_gpu)
+    if use_gpu:  # NCCL's flight recorder, set before the group exists
+        from coatnet_scale.engine.watchdog import flight_recorder_env
+        from coatnet_scale.engine.worker import run_url
+
+        for key, value in flight_recorder_env(run_url(config)).items():
+            os.environ.setdefault(key, value)
+    placement = init_process_group(use_gpu, config.train.hang_timeout_s)
     try:
         problem = [None]
         if placement.rank == 0:

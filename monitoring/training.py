@@ -94,6 +94,14 @@ class TrainingMonitor:
         self.checkpoint_step = gauge("coatnet_checkpoint_last_step", "Step of the newest complete checkpoint").labels(**labels)
         self.checkpoint_time = gauge("coatnet_checkpoint_last_timestamp_seconds", "Unix time the newest complete checkpoint was saved").labels(**labels)
         self.restarts = counter("coatnet_worker_group_restarts_total", "Times Ray Train restarted the worker group in this job")
+        # run health (coatnet_scale/engine/health.py)
+        self.skipped_steps = counter("coatnet_skipped_steps_total", "Optimizer steps DeepSpeed skipped (non-finite gradient norm)")
+        self.rollbacks = gauge("coatnet_rollbacks", "Rollbacks the run has had (all jobs; health/ records in storage)").labels(**labels)
+        self.rollback_time = gauge("coatnet_last_rollback_timestamp_seconds", "Unix time of the run's newest rollback").labels(**labels)
+        self.compute_seconds = gauge("coatnet_compute_seconds", "Compute time of the last step: its wall time less data wait").labels(**labels)
+        self.last_step_time = gauge("coatnet_last_step_timestamp_seconds", "Unix time the last optimizer step ended").labels(**labels)
+        self.straggler_ratio = gauge("coatnet_straggler_ratio", "This rank's mean compute time over the group's median (last check)").labels(**labels)
+        self.checkpoint_interval = gauge("coatnet_checkpoint_interval_steps", "Steps between checkpoints (checkpoint.every_steps)").labels(**labels)
         self._memory(device)
 
         self._clock = time.monotonic()
@@ -169,6 +177,27 @@ class TrainingMonitor:
         self.checkpoint_seconds.set(seconds)
         self.checkpoint_step.set(step)
         self.checkpoint_time.set(time.time())
+        self.restart_clock()
+
+    def computed(self, seconds: float) -> None:
+        self.compute_seconds.set(seconds)
+        self.last_step_time.set(time.time())
+
+    def skipped(self) -> None:
+        self.skipped_steps.inc()
+
+    def straggler(self, ratio: float) -> None:
+        self.straggler_ratio.set(ratio)
+
+    def rolled_back(self, count: int, when: float) -> None:
+        self.rollbacks.set(count)
+        self.rollback_time.set(when)
+
+    def resumed(self, step: int, epoch: int) -> None:
+        """The loop starts again from a checkpoint in the same processes (a rollback)."""
+        self.checkpoint_step.set(step)
+        self.step_number.set(step)
+        self.epoch.set(epoch)
         self.restart_clock()
 
     def close(self) -> None:

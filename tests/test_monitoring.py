@@ -61,6 +61,14 @@ EXPECTED = {
     "coatnet_checkpoint_last_step": ("gauge", set()),
     "coatnet_checkpoint_last_timestamp_seconds": ("gauge", set()),
     "coatnet_worker_group_restarts_total": ("counter", set()),
+    # run health (issue 17)
+    "coatnet_skipped_steps_total": ("counter", set()),
+    "coatnet_rollbacks": ("gauge", set()),
+    "coatnet_last_rollback_timestamp_seconds": ("gauge", set()),
+    "coatnet_compute_seconds": ("gauge", set()),
+    "coatnet_last_step_timestamp_seconds": ("gauge", set()),
+    "coatnet_straggler_ratio": ("gauge", set()),
+    "coatnet_checkpoint_interval_steps": ("gauge", set()),
 }
 DATAPREP_EXPECTED = {"coatnet_dataprep_images_total", "coatnet_dataprep_rejected_total",
                      "coatnet_dataprep_shards_total", "coatnet_dataprep_written_bytes_total"}
@@ -85,6 +93,7 @@ class Prometheus:
         jobs = [job for job in config["scrape_configs"] if job["job_name"] == "coatnet_scale"]
         jobs[0]["file_sd_configs"] = [{"files": [f"{targets_dir}/*.json"]}]
         config["scrape_configs"] = jobs  # not the machine's Ray: the test's run only
+        config["rule_files"] = [str(MONITORING / name) for name in config["rule_files"]]  # the shipped alerts
         (root / "prometheus.yml").write_text(yaml.safe_dump(config))
         self.url = f"http://127.0.0.1:{_free_port()}"
         self.log = open(root / "prometheus.log", "wb")
@@ -194,7 +203,7 @@ def test_prometheus_scrapes_every_worker_and_answers_every_dashboard_query(demo_
         "data.num_workers=0",  # decode in the training process: 3 ranks on 2 cores are crowded enough
         f"train.total_steps={STEPS}", "train.warmup_steps=2", "train.log_every=10", "train.eval_every=20",
         "checkpoint.every_steps=20", f"monitoring.port={base}", f"monitoring.targets_dir={targets_dir}",
-        "monitoring.linger_seconds=10",
+        "monitoring.linger_seconds=10", "monitoring.straggler_every_steps=10",
     ]
     expressions = dashboard_expressions(run, node)
     targets_file = targets_dir / f"{run}.json"
@@ -295,6 +304,13 @@ def test_prometheus_scrapes_every_worker_and_answers_every_dashboard_query(demo_
     assert all(0 < v <= 1e-3 for v in by_rank("coatnet_learning_rate").values())
     assert all(0 <= float(r["value"][1]) <= 1 and r["metric"]["weights"] == "raw" for r in seen["coatnet_validation_top1_ratio"])
     assert all(r["metric"]["device"] == "cpu" and float(r["value"][1]) > 50e6 for r in seen["coatnet_device_memory_peak_bytes"])
+    # Run health: nothing skipped, the ranks compared (each near the median), the last step recent.
+    assert by_rank("coatnet_skipped_steps_total") == {"0": 0, "1": 0}
+    assert all(0.2 < v < 5 for v in by_rank("coatnet_straggler_ratio").values())
+    assert all(0 < v < seen["time"] and seen["time"] - v < 120 for v in by_rank("coatnet_last_step_timestamp_seconds").values())
+    # Prometheus loaded the shipped alert rules and evaluates them without errors.
+    rules = [rule for group in seen["rules"] for rule in group["rules"]]
+    assert len(rules) == 7 and all(rule["health"] == "ok" for rule in rules), rules
 
 
 def _snapshot(prometheus: Prometheus, run: str) -> dict:
@@ -302,7 +318,10 @@ def _snapshot(prometheus: Prometheus, run: str) -> dict:
     seen = {name: prometheus.query(f'{name}{{run="{run}"}}') for name in (
         "coatnet_steps_total", "coatnet_images_total", "coatnet_step", "coatnet_mfu_ratio", "coatnet_gradient_norm",
         "coatnet_learning_rate", "coatnet_validation_top1_ratio", "coatnet_device_memory_peak_bytes",
-        "coatnet_worker_group_restarts_total", "coatnet_epoch")}
+        "coatnet_worker_group_restarts_total", "coatnet_epoch", "coatnet_skipped_steps_total", "coatnet_straggler_ratio",
+        "coatnet_last_step_timestamp_seconds")}
+    seen["time"] = time.time()
+    seen["rules"] = prometheus.api("rules")["groups"]
     seen["series"] = prometheus.api("series", **{"match[]": f'{{__name__=~"coatnet_.+", run="{run}"}}'})
     seen["up"] = prometheus.query(f'up{{run="{run}"}}')
     seen["runs"] = prometheus.api("label/run/values", **{"match[]": "coatnet_step"})
@@ -464,6 +483,21 @@ def _scrape(url: str) -> dict:
                 assert sample.labels.get("split") == "train"
                 out[(sample.name, labels)] = sample.value
     return out
+
+
+@needs_prometheus
+def test_alert_rules_check_and_pass_their_unit_tests():
+    """promtool's own rule checks, and tests/promtool/alerts_test.yml: every alert of
+    monitoring/alerts.yml fires where it should and stays silent where it should not."""
+    promtool = shutil.which("promtool") or "/usr/bin/promtool"
+    check = subprocess.run([promtool, "check", "rules", str(MONITORING / "alerts.yml")], capture_output=True, text=True)
+    assert check.returncode == 0 and "SUCCESS: 7 rules found" in check.stdout, check.stdout + check.stderr
+    tests = REPO / "tests" / "promtool" / "alerts_test.yml"
+    alerts = {r["alert"] for g in yaml.safe_load((MONITORING / "alerts.yml").read_text())["groups"] for r in g["rules"]}
+    tested = {t["alertname"] for case in yaml.safe_load(tests.read_text())["tests"] for t in case["alert_rule_test"]}
+    assert alerts == tested  # a case for every alert
+    result = subprocess.run([promtool, "test", "rules", str(tests)], capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout + result.stderr
 
 
 @needs_prometheus

@@ -295,13 +295,13 @@ class StreamingLoader:
 
 
 def epoch_keys(spec: LoaderSpec, rank: int, world_size: int, epoch: int, phases: tuple[Phase, ...] = (),
-               batches: int | None = None) -> list[str]:
+               batches: int | None = None, start: int = 0) -> list[str]:
     """The sample keys `rank` trains on in `epoch`, in order (before corrupt samples drop out),
     computed the way the loader computes them, without decoding anything: in the phase after
-    `phases`, and only its first `batches` batches if given."""
+    `phases`, and only its batches `start` to `batches` (exclusive) if given."""
     manifest = load_manifest(spec.manifest_url, spec.storage_options)
     workers = max(1, spec.num_workers)
     per_worker = [[[s["__key__"] for s in raw] for _, raw, _ in _raw_batches(spec, manifest, epoch, rank, world_size, w, phases)]
                   for w in range(workers)]
     in_order = [per_worker[w][batch] for batch in range(len(per_worker[0])) for w in range(workers)]
-    return [key for batch in in_order[:batches] for key in batch]
+    return [key for batch in in_order[start:batches] for key in batch]

@@ -66,7 +66,3 @@ def broadcast(tensor: torch.Tensor, src: int = 0) -> torch.Tensor:
         dist.broadcast(tensor, src=src)
     return tensor
 
-
-def sum_over_ranks(values: list[float], device: torch.device) -> torch.Tensor:
-    """Per-rank numbers summed over ranks, as one float64 tensor on `device` (one collective)."""
-    return all_reduce(torch.tensor(values, dtype=torch.float64, device=device))

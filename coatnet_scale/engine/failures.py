@@ -76,6 +76,10 @@ class FailureLog:
         except Exception as e:
             print(f"rank {rank}: cannot record the failure in {self.url}: {type(e).__name__}: {e}", flush=True)
 
+    def stop(self, reason: str) -> None:
+        """Stop the job for a reason found elsewhere (run health); the driver reads it."""
+        self._write(STOPPED, {"reason": reason})
+
     def stopped(self) -> str | None:
         """Why this job stopped retrying, if it did (read by the driver after the job)."""
         try:

@@ -114,6 +114,7 @@ def start_training_monitor(config: Config, rank: int, world_size: int, device, s
     monitor = TrainingMonitor(labels, device, flops, m.peak_tflops * 1e12 if m.peak_tflops else None)
     monitor.recompute_factor = 4 / 3 if model.checkpointing.every else 1.0  # as the planner counts it
     monitor.linger_seconds = m.linger_seconds
+    monitor.checkpoint_interval.set(config.checkpoint.every_steps)
     options = storage_options(config.storage)
     try:
         local_rank, job_key, node_ip = _ray_identity()

@@ -17,6 +17,7 @@ coatnet_scale/data/loader.py), so N steps + resume + N steps equals 2N straight 
 """
 from __future__ import annotations
 
+import gc
 import json
 import socket
 import time
@@ -32,13 +33,16 @@ from coatnet_scale.config import Config, TrainConfig
 from coatnet_scale.data import eval_loader, train_loader
 from coatnet_scale.data.plan import Phase, derive_seed
 from coatnet_scale.engine import collectives
-from coatnet_scale.engine.checkpoint import Checkpoints
+from coatnet_scale.engine.checkpoint import Checkpoints, tag_for
 from coatnet_scale.engine.ema import ShardedEMA
 from coatnet_scale.engine.failures import FailureLog
+from coatnet_scale.engine.faults import Faults
+from coatnet_scale.engine.health import Health, Rollback, read_rollbacks
 from coatnet_scale.engine.monitor import start_training_monitor
 from coatnet_scale.engine.optim import group_weight_decays, lr_multiplier, param_groups
 from coatnet_scale.engine.placement import placement_problems
 from coatnet_scale.engine.pretrained import load_initial_weights
+from coatnet_scale.engine.watchdog import Watchdog
 from coatnet_scale.engine.zero import deepspeed_config
 from coatnet_scale.models import Checkpointing, create_model
 from coatnet_scale.models.coatnet import BatchNorm2d
@@ -127,11 +131,15 @@ def input_dtype(engine) -> torch.dtype:
     return torch.float16 if engine.fp16_enabled() else torch.float32
 
 
-def forward_backward(engine, images: torch.Tensor, targets: torch.Tensor, loss_kind: str) -> torch.Tensor:
+def forward_backward(engine, images: torch.Tensor, targets: torch.Tensor, loss_kind: str,
+                     poison: bool = False) -> torch.Tensor:
     """One micro-batch, on the device (`StreamingLoader.to_device`), through the engine (forward,
-    backward, and the optimizer step at the end of an accumulation); returns the loss, detached."""
+    backward, and the optimizer step at the end of an accumulation); returns the loss, detached.
+    `poison`: a NaN loss (fault injection, engine/faults.py)."""
     logits = engine(images)
     loss = soft_target_loss(logits, targets, loss_kind)
+    if poison:
+        loss = loss * float("nan")
     engine.backward(loss)
     engine.step()
     return loss.detach()
@@ -166,7 +174,7 @@ class StepCounts:
 
 
 def train_step(engine, scheduler, batches: EpochBatches, device: torch.device, train: TrainConfig, monitor,
-               ema: ShardedEMA | None, step: int) -> StepCounts:
+               ema: ShardedEMA | None, step: int, poison: bool = False) -> StepCounts:
     """Optimizer step `step`: grad_accum_steps micro-batches read, put on the device, forward and
     backward (DeepSpeed steps the optimizer and schedule after the last), the EMA updated, the
     monitor told."""
@@ -179,7 +187,8 @@ def train_step(engine, scheduler, batches: EpochBatches, device: torch.device, t
         monitor.batch(wait_start, batch)
         counts.images += len(batch["labels"])
         counts.corrupt += batch["corrupt"]
-        loss_sum += forward_backward(engine, *batches.loader.to_device(batch, device, input_dtype(engine)), train.loss)
+        loss_sum += forward_backward(engine, *batches.loader.to_device(batch, device, input_dtype(engine)), train.loss,
+                                     poison)
     if ema is not None:
         ema.update()
     counts.loss = loss_sum.item() / train.grad_accum_steps
@@ -261,12 +270,26 @@ def train(config: Config, placement: Placement, report=None) -> dict:
     # DeepSpeed calls torch.distributed APIs that warn on every collective.
     warnings.filterwarnings("ignore", category=FutureWarning, module=r"torch\.distributed")
     rank, world_size = placement.rank, placement.world_size
+    options = storage_options(config.storage)
+    watchdog = Watchdog(run_url(config), options, placement.job, rank)
+    watchdog.arm(config.train.startup_timeout_s)
+    if rank == 0:
+        print(f"watchdog: a rank whose step takes over {config.train.hang_timeout_s:g} s (the first "
+              f"{config.train.startup_timeout_s:g} s) dumps its stacks to {watchdog.url}/ and exits", flush=True)
+    try:
+        return _attempts(config, placement, options, watchdog, report)
+    finally:
+        watchdog.close()
+
+
+def _attempts(config: Config, placement: Placement, options: dict, watchdog: Watchdog, report) -> dict:
+    """Train, starting again from the newest complete checkpoint after each rollback."""
+    rank, world_size = placement.rank, placement.world_size
     use_gpu = config.cluster.use_gpu
     device = torch.device("cuda", torch.cuda.current_device()) if use_gpu else torch.device("cpu")
     collectives.bind(device)
     if not use_gpu:
         torch.set_num_threads(max(1, int(config.cluster.cpus_per_worker)))
-    options = storage_options(config.storage)
     checkpoints = Checkpoints(checkpoint_url(config), options, config.checkpoint.keep, rank, world_size,
                               metadata=checkpoint_metadata(config), local_rank=placement.local_rank)
     tag, marker = checkpoints.choose()
@@ -296,7 +319,23 @@ def train(config: Config, placement: Placement, report=None) -> dict:
         problems = placement_problems(config, nodes)  # what only the placed workers can see
         if problems:
             raise RuntimeError("; ".join(problems))
-        return _train(config, placement, device, checkpoints, tag, marker, report, progress)
+        faults = Faults(run_url(config), options, rank)
+        monitors: list = []  # one for every attempt: a rollback is not a new worker group
+        while True:
+            try:
+                final = _train(config, placement, device, checkpoints, tag, marker, report, progress, watchdog, nodes,
+                               faults, monitors)
+                break
+            except Rollback:
+                pass
+            gc.collect()  # the attempt's engine and loaders (the exception held them), before the next is built
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+            watchdog.arm(config.train.startup_timeout_s)
+            tag, marker = checkpoints.choose()
+        if "stopped" in final and failures is not None and rank == 0:
+            failures.stop(final["stopped"])  # what the Ray driver reads
+        return final
     except Exception as error:
         if failures is not None:
             failures.record(attempt, rank, progress["step"], error)
@@ -316,7 +355,8 @@ def finished_report(config: Config, marker: dict | None) -> dict | None:
 
 
 def _train(config: Config, placement: Placement, device: torch.device, checkpoints: Checkpoints, tag: str | None,
-           marker: dict | None, report, progress: dict) -> dict:
+           marker: dict | None, report, progress: dict, watchdog: Watchdog, nodes: list[str], faults: Faults,
+           monitors: list) -> dict:
     rank, world_size = placement.rank, placement.world_size
     c = config.cluster
     plan = batch_plan(config.train, world_size, c.num_workers, c.min_workers or c.num_workers)
@@ -375,27 +415,68 @@ def _train(config: Config, placement: Placement, device: torch.device, checkpoin
             epoch, phases = epoch + 1, ()
     if batch_in_epoch >= loader.batches_in(epoch, phases):  # checkpointed at an epoch's end: skip reading it
         epoch, batch_in_epoch, phases = epoch + 1, 0, ()
+    records = [read_rollbacks(run_url(config), storage_options(config.storage)) if rank == 0 else None]
+    if world_size > 1:
+        dist.broadcast_object_list(records, src=0)
+    health = Health(config, run_url(config), storage_options(config.storage), rank, world_size, nodes, device, tag, step,
+                    records[0])
+    loaded = {"manifest": config.data.train_manifest, "seed": t.seed, "shuffle_buffer": config.data.shuffle_buffer,
+              "world_size": world_size, "num_workers": config.data.num_workers, "batch_size": t.micro_batch_size}
+    epoch, batch_in_epoch, phases = health.skip(loader, loaded, t.grad_accum_steps, epoch, batch_in_epoch, phases)
     batches = EpochBatches(loader, epoch, batch_in_epoch, phases)
-    monitor = start_training_monitor(config, rank, world_size, device, step, epoch)
+    if monitors:
+        monitor = monitors[0]
+        monitor.resumed(step, epoch)
+    else:
+        monitor = start_training_monitor(config, rank, world_size, device, step, epoch)
+        monitors.append(monitor)
+    health.started(monitor)
+    return _loop(config, placement, engine, scheduler, checkpoints, batches, validation, ema, monitor, health,
+                 watchdog, faults, group, step, report, progress)
+
+
+def _loop(config: Config, placement: Placement, engine, scheduler, checkpoints: Checkpoints, batches: EpochBatches,
+          validation, ema, monitor, health: Health, watchdog: Watchdog, faults: Faults, group: list, step: int,
+          report, progress: dict) -> dict:
+    rank, world_size = placement.rank, placement.world_size
+    t = config.train
+    device = health.device
+    last_step = min(t.total_steps, t.stop_at_step or t.total_steps)
     last_metrics: dict = {}
     history: list[dict] = []
     window_start, window_steps, window_wait, window_images, corrupt = time.monotonic(), 0, 0.0, 0, 0
     while step < last_step:
-        counts = train_step(engine, scheduler, batches, device, t, monitor, ema, step + 1)
+        faults.hang(step + 1)
+        started = time.monotonic()
+        counts = train_step(engine, scheduler, batches, device, t, monitor, ema, step + 1, faults.nan(step + 1))
+        faults.delay(step + 1)
+        compute = time.monotonic() - started - counts.data_wait
         step += 1
         progress["step"] = step
+        # Every rank learns how the step went on all of them (one small all-reduce), and the
+        # log line's sums come with it.
+        agreed = health.agree(step, counts.loss, engine.get_global_grad_norm(), engine.was_step_applied(),
+                              counts.corrupt, counts.images, compute)
+        if "stopped" in agreed:
+            if rank == 0:
+                print(f"stopping: {agreed['stopped']}", flush=True)
+            final = {**last_metrics, "step": step, "stopped": agreed["stopped"]}
+            if report is not None:
+                report(final)
+            monitor.close()
+            return final
+        watchdog.arm(t.hang_timeout_s)
         window_steps += 1
         window_wait += counts.data_wait
-        window_images += counts.images
-        corrupt += counts.corrupt
+        window_images += agreed["images"]
+        corrupt += agreed["corrupt"]
         if step % t.log_every == 0 or step == last_step:
-            stats = collectives.sum_over_ranks([counts.loss, corrupt, window_images], device)
             elapsed = time.monotonic() - window_start
             last_metrics = {
-                "step": step, "epoch": batches.epoch, "loss": stats[0].item() / world_size, "lr": scheduler.get_last_lr()[0],
-                "images_per_second": stats[2].item() / elapsed,
+                "step": step, "epoch": batches.epoch, "loss": agreed["loss"], "lr": scheduler.get_last_lr()[0],
+                "images_per_second": window_images / elapsed,
                 "step_seconds": elapsed / window_steps, "data_wait_fraction": window_wait / elapsed,
-                "corrupt_samples": int(stats[1].item()),
+                "corrupt_samples": corrupt,
             }
             if device.type == "cuda":  # what the planner predicts (python -m coatnet_scale.plan)
                 last_metrics["max_memory_allocated"] = torch.cuda.max_memory_allocated(device)
@@ -410,23 +491,33 @@ def _train(config: Config, placement: Placement, device: torch.device, checkpoin
                 )
             window_start, window_steps, window_wait, window_images = time.monotonic(), 0, 0.0, 0
         if validation is not None and t.eval_every and step % t.eval_every == 0 and step < last_step:
+            watchdog.arm(t.startup_timeout_s)
             result = evaluate_with_ema(engine, validation, device, ema)
             monitor.evaluated(result)
+            watchdog.arm(t.hang_timeout_s)
             if rank == 0:
                 print(f"eval step {step}: {describe(result)}", flush=True)
-        if step % config.checkpoint.every_steps == 0 or (step == last_step and config.checkpoint.at_end):
+        due = step % config.checkpoint.every_steps == 0 or (step == last_step and config.checkpoint.at_end)
+        if due and not health.healthy:
+            if rank == 0:
+                print(f"checkpoint step {step} not written: steps are being skipped", flush=True)
+        elif due:
+            watchdog.arm(t.startup_timeout_s)
             trainer_state = {"step": step, "epoch": batches.epoch, "batch_in_epoch": batches.batch_in_epoch,
                              "rng": _rng_state(), "phases": [list(astuple(p)) for p in batches.phases],
                              "data_group": group}
             if ema is not None:
                 trainer_state["ema"] = ema.state_dict()
             seconds = checkpoints.save(engine, step, trainer_state)
+            health.saved(step, tag_for(step))
+            watchdog.arm(t.hang_timeout_s)
             monitor.checkpoint_saved(step, seconds)
             last_metrics["checkpoint_seconds"] = seconds
             if rank == 0:
                 print(f"checkpoint step {step} saved to {checkpoints.url} in {seconds:.1f}s", flush=True)
     final = {**last_metrics, "step": step}
     if validation is not None and step == t.total_steps:
+        watchdog.arm(t.startup_timeout_s)
         result = evaluate_with_ema(engine, validation, device, ema)
         monitor.evaluated(result)
         final.update({f"val_{k}": v for k, v in result.items() if k != "samples"})

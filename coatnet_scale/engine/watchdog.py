@@ -1,0 +1,90 @@
+"""The step watchdog: a rank that makes no progress dumps every thread's stack and exits.
+
+A frozen rank (a hung GPU, a stalled read, a deadlock) leaves the others waiting inside a
+collective, and neither Ray's health poll nor the process-group timeout ends that soon. So every
+rank arms `faulthandler.dump_traceback_later(timeout, exit=True)` and re-arms it after each step
+(re-arming resets the timer; faulthandler's own thread needs neither the GIL nor the main
+thread, which Ray Train's training thread is not). A step that does not finish within
+`train.hang_timeout_s` (`train.startup_timeout_s` for the first step after a start or resume,
+for evaluation and for checkpoints) makes the rank write the stacks and `_exit(1)`: the group is
+torn down and restarted from the newest complete checkpoint. A frozen rank cannot dump itself;
+the ranks waiting on it can, and they are the ones that time out.
+
+The stacks land in {storage.url}/{run_name}/diagnostics/{job}/ as {time}-rank{R}.txt, written
+in place on a local or shared filesystem. With object storage they go to a node-local folder
+first (a dying process cannot upload), and the next attempt on that node uploads them. Files
+of ranks that never timed out are empty and removed when the rank ends normally.
+
+The collective timeout is set from the same key (`collective_timeout_s`), longer than the step
+deadline so the stacks come first; on GPUs the NCCL flight recorder dumps beside them
+(`flight_recorder_env`).
+"""
+from __future__ import annotations
+
+import faulthandler
+import hashlib
+import os
+import tempfile
+import time
+
+from fsspec.implementations.local import LocalFileSystem
+
+from coatnet_scale.storage import url_to_fs
+
+
+def collective_timeout_s(hang_timeout_s: float) -> float:
+    """The process-group timeout: the step deadline plus 5 minutes, so a rank stuck in a
+    collective dumps its stacks before the collective gives up (torch's default is 30 min)."""
+    return hang_timeout_s + 300
+
+
+def local_folder(run_url: str) -> str:
+    """Where this node's ranks write diagnostics when the run's storage is not a local path."""
+    key = hashlib.sha256(run_url.encode()).hexdigest()[:16]
+    return os.path.join(tempfile.gettempdir(), "coatnet_scale_diagnostics", key)
+
+
+def diagnostics_url(run_url: str, job: str | None) -> str:
+    return f"{run_url.rstrip('/')}/diagnostics/{job or 'standalone'}"
+
+
+def flight_recorder_env(run_url: str) -> dict:
+    """NCCL flight-recorder settings (GPUs): dumped on a collective timeout, into diagnostics/
+    (a node-local folder, uploaded by the next attempt, for object storage). The recorder needs
+    TORCH_NCCL_ASYNC_ERROR_HANDLING=3, not Ray's default 1."""
+    fs, path = url_to_fs(f"{run_url.rstrip('/')}/diagnostics")
+    folder = path if isinstance(fs, LocalFileSystem) else local_folder(run_url)
+    return {"TORCH_NCCL_ASYNC_ERROR_HANDLING": "3", "TORCH_FR_BUFFER_SIZE": "2000", "TORCH_NCCL_DUMP_ON_TIMEOUT": "1",
+            "TORCH_FR_DUMP_TEMP_FILE": os.path.join(folder, "nccl_trace_rank_")}
+
+
+class Watchdog:
+    def __init__(self, run_url: str, storage_options: dict, job: str | None, rank: int):
+        self.url = diagnostics_url(run_url, job)
+        self.fs, self.root = url_to_fs(self.url, storage_options)
+        self.local = isinstance(self.fs, LocalFileSystem)
+        folder = self.root if self.local else local_folder(run_url)
+        os.makedirs(folder, exist_ok=True)
+        if not self.local:
+            self._upload_leftovers(folder)
+        name = f"{time.strftime('%Y%m%dT%H%M%S', time.gmtime())}-rank{rank:05d}-pid{os.getpid()}.txt"
+        self.path = os.path.join(folder, name)
+        self.file = open(self.path, "w")
+
+    def _upload_leftovers(self, folder: str) -> None:
+        """What ranks of earlier attempts on this node dumped before they died."""
+        for name in sorted(os.listdir(folder)):
+            path = os.path.join(folder, name)
+            if os.path.getsize(path):  # an empty one is a live rank's, on this node
+                self.fs.put_file(path, f"{self.root}/{name}")
+                os.remove(path)
+
+    def arm(self, seconds: float) -> None:
+        """Dump and exit unless re-armed (or closed) within `seconds`."""
+        faulthandler.dump_traceback_later(seconds, exit=True, file=self.file)
+
+    def close(self) -> None:
+        faulthandler.cancel_dump_traceback_later()
+        self.file.close()
+        if os.path.getsize(self.path) == 0:
+            os.remove(self.path)
