@@ -115,7 +115,7 @@ def flops(model: str, image_size: int, stages: list[int]) -> tuple[int, int]:
     recomputed = 0
     for index, (stage, blocks) in enumerate(zip(net.spec.stages, net.stages)):
         for i in range(len(blocks)):
-            if policy.applies(stage.paper_stage, i):
+            if i in chosen:
                 recomputed += counts.get(f"CoAtNet.stages.{index}.{i}", 0)
     return counter.get_total_flops(), recomputed
 
