@@ -43,3 +43,71 @@ def test_auto_checkpointing_on_cpu_workers_needs_a_budget():
     with pytest.raises(ConfigError, match="model.checkpointing=auto on CPU workers needs cluster.gpu_memory"):
         load_config("configs/tiny.yaml", ["model.checkpointing=auto"])
     assert load_config("configs/tiny.yaml", ["model.checkpointing=auto", "cluster.gpu_memory=0.5"]).cluster.gpu_memory == 0.5
+
+
+def levers_on_rank(rank: int, port: int, corpus: str, storage: str, out: str) -> None:
+    """One ZeRO-3 rank (fp32, gloo) through the worker loop, several runs in one process."""
+    import json
+    import os
+    import shutil
+    from pathlib import Path
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK="0", LOCAL_RANK="0", WORLD_SIZE="1",
+                      DS_ACCELERATOR="cpu")
+    from coatnet_scale.engine.worker import Placement, train
+    from coatnet_scale.standalone import init_process_group
+
+    init_process_group(use_gpu=False)
+    base = [f"storage.url={storage}", f"data.train_manifest={corpus}/train/manifest.json",
+            f"data.val_manifest={corpus}/val/manifest.json", "cluster.num_workers=1", "train.global_batch_size=32",
+            "train.log_every=1", "monitoring.enabled=false", "checkpoint.at_end=false", "checkpoint.keep=2",
+            # 40 full batches an epoch: a last batch of another size would recompile every block.
+            "data.mode=resampled", "data.epoch_samples=1280"]
+
+    def run(name: str, *overrides: str) -> dict:
+        final = train(load_config("configs/tiny.yaml", [*base, f"run_name={name}", *overrides]), Placement(0, 1))
+        history = [json.loads(f.read_text())["history"] for f in sorted((Path(storage) / name).glob("metrics-step*.json"))]
+        return {"final": final, "losses": {h["step"]: h["loss"] for hs in history for h in hs}}
+
+    short = ["train.total_steps=150", "train.stop_at_step=4"]
+    results = {"eager": run("eager", *short), "channels_last": run("channels_last", *short, "model.channels_last=true"),
+               "eager_checkpointed": run("eager_checkpointed", *short, "model.channels_last=true",
+                                         "model.checkpointing.every=1")}
+    results["compiled"] = run("compiled", "train.total_steps=150", "checkpoint.every_steps=75", "model.channels_last=true",
+                              "model.checkpointing.every=1", "model.compile=blocks")
+    # The compiled run's step-75 checkpoint, resumed with every lever off.
+    shutil.copytree(Path(storage) / "compiled" / "checkpoints", Path(storage) / "resumed" / "checkpoints")
+    shutil.rmtree(Path(storage) / "resumed" / "checkpoints" / "step_000000150")
+    results["resumed"] = run("resumed", "train.total_steps=150", "train.stop_at_step=77")
+    Path(out).write_text(json.dumps(results))
+    torch.distributed.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_channels_last_and_compiled_blocks_train_equal_under_zero3(demo_corpus, unused_tcp_port, tmp_path):
+    """One ZeRO-3 rank on the CPU, fp32: channels-last against NCHW (4 steps); blocks compiled by
+    inductor, with channels-last and every block checkpointed, against the same eager (4 steps),
+    then trained on to the tiny config's usual accuracy (150 steps of 32 images); its step-75
+    checkpoint resumed with both levers off takes steps 76-77 as the compiled run did.
+
+    Tolerances: channels-last changes the order of oneDNN's reductions (gradients differ at
+    ~1e-7 after one step; the first loss is bit-equal), so losses agree to 1e-5 relative over 4
+    steps; inductor fuses and reorders more, so compiled against eager 1e-4 relative."""
+    import json
+
+    import torch.multiprocessing as mp
+
+    out = tmp_path / "levers.json"
+    mp.spawn(levers_on_rank, args=(unused_tcp_port, str(demo_corpus), str(tmp_path), str(out)), nprocs=1)
+    r = json.loads(out.read_text())
+    eager, channels_last, checkpointed = (r[k]["losses"] for k in ("eager", "channels_last", "eager_checkpointed"))
+    compiled, resumed = r["compiled"]["losses"], r["resumed"]["losses"]
+    assert eager["1"] == channels_last["1"]  # the same math, laid out differently
+    for step in ("1", "2", "3", "4"):
+        assert channels_last[step] == pytest.approx(eager[step], rel=1e-5)
+        assert checkpointed[step] == channels_last[step]  # recomputation repeats the same kernels
+        assert compiled[step] == pytest.approx(checkpointed[step], rel=1e-4)
+    assert r["compiled"]["final"]["val_top1"] > 0.85
+    assert sorted(resumed, key=int) == ["76", "77"]
+    for step in ("76", "77"):
+        assert resumed[step] == pytest.approx(compiled[step], rel=1e-4)

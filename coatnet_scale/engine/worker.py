@@ -32,6 +32,7 @@ from coatnet_scale.config import Config, TrainConfig
 from coatnet_scale.data import eval_loader, train_loader
 from coatnet_scale.data.plan import Phase, derive_seed
 from coatnet_scale.engine import collectives
+from coatnet_scale.engine.compiled import compile_blocks
 from coatnet_scale.engine.checkpoint import Checkpoints
 from coatnet_scale.engine.ema import ShardedEMA
 from coatnet_scale.engine.failures import FailureLog
@@ -99,6 +100,10 @@ def build_engine(config: Config, use_gpu: bool, initial_weights: bool = False, l
     torch.manual_seed(config.train.seed)  # the same initial weights whatever the world size
     with deepspeed.zero.Init(config_dict_or_path=ds_config, enabled=config.deepspeed.zero_stage == 3):
         model = create_model(m.name, m.num_classes, m.image_size, m.drop_path_rate, checkpointing, m.channels_last)
+    if m.compile == "blocks":
+        compiled = compile_blocks(model, use_gpu)
+        if dist.get_rank() == 0:
+            print(f"model.compile=blocks: {compiled} blocks compiled (inductor), each a ZeRO-3 leaf", flush=True)
     if initial_weights:
         notes = load_initial_weights(model, config, storage_options(config.storage), dist.get_rank())
         if dist.get_rank() == 0:
