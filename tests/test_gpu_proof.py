@@ -25,3 +25,12 @@ def test_gpu_proof_smoke(tmp_path):
     assert baselines["plain_images_per_second"] > 0 and baselines["profile"]
     assert largest["micro_batch"] >= 1 and largest["images_per_second"] > 0
     assert "| resume: next loss bit-identical" in result.stdout
+    # The ablation: every lever a row, the planner's figure beside each; auto chose its blocks
+    # for the pretend 0.5 GiB device, between none and full.
+    rows = {r["row"]: r for r in report["ablation"]}
+    assert list(rows) == ["checkpointing full", "checkpointing auto", "auto + compiled blocks", "auto + channels-last"]
+    assert "skipped" in rows["auto + compiled blocks"]
+    for name in ("checkpointing full", "checkpointing auto", "auto + channels-last"):
+        assert rows[name]["images_per_second"] > 0 and rows[name]["predicted_bytes"] > 0
+    assert rows["checkpointing full"]["checkpointed_blocks"] == "5 of 5"
+    assert "| checkpointing auto" in result.stdout

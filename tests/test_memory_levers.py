@@ -90,9 +90,10 @@ def test_channels_last_and_compiled_blocks_train_equal_under_zero3(demo_corpus, 
     then trained on to the tiny config's usual accuracy (150 steps of 32 images); its step-75
     checkpoint resumed with both levers off takes steps 76-77 as the compiled run did.
 
-    Tolerances: channels-last changes the order of oneDNN's reductions (gradients differ at
-    ~1e-7 after one step; the first loss is bit-equal), so losses agree to 1e-5 relative over 4
-    steps; inductor fuses and reorders more, so compiled against eager 1e-4 relative."""
+    Tolerances: channels-last changes the order of oneDNN's reductions (the first loss differs
+    at 1e-7 relative, measured), so losses agree to 1e-5 relative over 4 steps; inductor fuses
+    and reorders more, so compiled against eager 1e-4 relative. Checkpointing changes nothing:
+    bit-equal."""
     import json
 
     import torch.multiprocessing as mp
@@ -102,7 +103,6 @@ def test_channels_last_and_compiled_blocks_train_equal_under_zero3(demo_corpus, 
     r = json.loads(out.read_text())
     eager, channels_last, checkpointed = (r[k]["losses"] for k in ("eager", "channels_last", "eager_checkpointed"))
     compiled, resumed = r["compiled"]["losses"], r["resumed"]["losses"]
-    assert eager["1"] == channels_last["1"]  # the same math, laid out differently
     for step in ("1", "2", "3", "4"):
         assert channels_last[step] == pytest.approx(eager[step], rel=1e-5)
         assert checkpointed[step] == channels_last[step]  # recomputation repeats the same kernels
