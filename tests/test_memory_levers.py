@@ -3,6 +3,7 @@ channels-last convolutions, compiled blocks; each proven equal on the CPU under 
 import time
 
 import pytest
+import torch
 
 from coatnet_scale.config import ConfigError, load_config
 from coatnet_scale.models import MODEL_SPECS
