@@ -15,7 +15,7 @@ REPO = Path(__file__).resolve().parent.parent
 def test_gpu_proof_smoke(tmp_path):
     out = tmp_path / "smoke.json"
     result = subprocess.run([sys.executable, str(REPO / "benchmarks" / "gpu_proof.py"), "--smoke", "--out", str(out)],
-                            capture_output=True, text=True, cwd=tmp_path, timeout=300)
+                            capture_output=True, text=True, cwd=tmp_path, timeout=900)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     report = json.loads(out.read_text())
     engine, baselines, largest = report["engine"], report["baselines"], report["largest"]
