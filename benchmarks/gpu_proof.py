@@ -1,6 +1,6 @@
 """Proof of the GPU path, in one prepared run: bf16, ZeRO-3 over NCCL, CoAtNet-5 and -7.
 
-    python benchmarks/gpu_proof.py --out proof.json             # one GPU, about 4 minutes
+    python benchmarks/gpu_proof.py --out proof.json             # one GPU, about 6 minutes
     python benchmarks/gpu_proof.py --smoke --out smoke.json     # the same code, tiny, on the CPU
 
 On a GPU host that has PyTorch but not DeepSpeed (no Ray needed): build the wheels here with
@@ -25,6 +25,11 @@ What it measures, in one process, each against a figure from the same run:
 4. largest: CoAtNet-7 at 224, AC on every block, at the largest micro-batch the planner says
    fits this GPU: a few steps; peak allocated memory against the planner.
 5. profile: the plain model's device time by operator over two steps (what limits MFU).
+6. ablation: CoAtNet-5 as in 1, a few steps per row: activation checkpointing full against
+   `auto` (the planner's choice for this GPU), then compiled blocks (model.compile=blocks) and
+   channels-last convolutions each on top of `auto`: images/s, MFU, peak allocated memory and
+   the planner's prediction beside each. --smoke leaves out the compiled row (inductor on the
+   CPU takes minutes; tests/test_memory_levers.py covers it).
 Prints a table and writes everything as JSON to --out. --smoke runs the same code at tiny
 sizes on the CPU (gloo, bf16) with Ray, s3fs and the Prometheus client made unimportable:
 the suite runs it.
@@ -69,13 +74,15 @@ class Sizes:
         self.log_every = 1 if smoke else 5
         self.baseline_steps = 3 if smoke else 10
         self.largest_steps = 2 if smoke else 3
+        self.ablation_steps = 3 if smoke else 8  # logged every log_every; the first window is warm-up
         # Each loader slot (1,438 demo images / workers) must hold a few full micro-batches; the
         # largest part keeps them all in one slot, as its micro-batch may pass 300.
         self.loader_workers = 1 if smoke else 4
 
 
 def proof_config(sizes: Sizes, model: str, micro_batch: int, storage: str, corpus: str, run_name: str,
-                 stages: list[int], steps: int, checkpoint_every: int, loader_workers: int | None = None):
+                 stages: list[int], steps: int, checkpoint_every: int, loader_workers: int | None = None,
+                 extra: tuple[str, ...] = ()):
     from coatnet_scale.config import load_config
 
     return load_config(None, [
@@ -88,6 +95,8 @@ def proof_config(sizes: Sizes, model: str, micro_batch: int, storage: str, corpu
         f"cluster.cpus_per_worker={2 if sizes.smoke else 16}", "deepspeed.zero_stage=3", "deepspeed.bf16=true",
         f"checkpoint.every_steps={checkpoint_every}", "checkpoint.keep=2", "checkpoint.at_end=false",
         f"storage.url={storage}", "monitoring.enabled=false",
+        # CPU workers plan model.checkpointing=auto for a pretend device of this size.
+        *(["cluster.gpu_memory=0.5"] if sizes.smoke else []), *extra,
     ])
 
 
@@ -96,28 +105,17 @@ def planner(config, device_memory: int) -> dict:
     from coatnet_scale.plan import plan
 
     r = plan(config, 1, device_memory, 989.4, 0.45)
-    return {"predicted_bytes": r["allocated"], "largest_micro_batch": r["largest_micro_batch"]}
+    return {"predicted_bytes": r["allocated"], "largest_micro_batch": r["largest_micro_batch"],
+            "checkpointing": r["checkpointing"].policy}
 
 
-def flops(model: str, image_size: int, stages: list[int]) -> tuple[int, int]:
-    """(forward FLOPs per image, of which inside blocks checkpointing recomputes)."""
-    import torch
-    from torch.utils.flop_counter import FlopCounterMode
+def flops(model: str, image_size: int, policy) -> tuple[int, int]:
+    """(forward FLOPs per image, of which inside blocks `policy` checkpoints, so recomputes)."""
+    from coatnet_scale.models import MODEL_SPECS, count_flops
+    from coatnet_scale.plan_checkpointing import block_costs
 
-    from coatnet_scale.models import Checkpointing, create_model
-
-    policy = Checkpointing(1, tuple(stages))
-    with torch.device("meta"):
-        net = create_model(model, num_classes=10, image_size=image_size).eval()
-        with FlopCounterMode(display=False) as counter:
-            net(torch.empty(1, 3, image_size, image_size))
-    counts = {name: sum(ops.values()) for name, ops in counter.get_flop_counts().items()}
-    recomputed = 0
-    for index, (stage, blocks) in enumerate(zip(net.spec.stages, net.stages)):
-        for i in range(len(blocks)):
-            if policy.applies(stage.paper_stage, i):
-                recomputed += counts.get(f"CoAtNet.stages.{index}.{i}", 0)
-    return counter.get_total_flops(), recomputed
+    costs = block_costs(model, image_size, num_classes=10)
+    return count_flops(model, image_size, 10), sum(costs[b].flops for b in policy.chosen(MODEL_SPECS[model]))
 
 
 def run_engine(config) -> tuple[dict, list[dict]]:
@@ -148,6 +146,7 @@ def part_engine(sizes: Sizes, device, work: Path, corpus: str, peak_flops: float
     """CoAtNet-5 through the worker loop; then the resume and the export."""
     from coatnet_scale.engine.checkpoint import tag_for
     from coatnet_scale.export import export
+    from coatnet_scale.models import Checkpointing
 
     stages = [2, 3, 4]
     config = proof_config(sizes, sizes.model, sizes.micro_batch, str(work / "runs"), corpus, "engine", stages,
@@ -158,7 +157,7 @@ def part_engine(sizes: Sizes, device, work: Path, corpus: str, peak_flops: float
     windows = [h for h in history if sizes.log_every < h["step"] < sizes.steps - 1 + sizes.log_every
                and h["step"] % sizes.log_every == 0] or history[-1:]
     images_per_second = statistics.median(h["images_per_second"] for h in windows)
-    forward, recomputed = flops(sizes.model, sizes.image_size, stages)
+    forward, recomputed = flops(sizes.model, sizes.image_size, Checkpointing(1, tuple(stages)))
     result = {
         "model": sizes.model, "micro_batch": sizes.micro_batch, "images_per_second": images_per_second,
         "data_wait_fraction": statistics.median(h["data_wait_fraction"] for h in windows),
@@ -172,6 +171,7 @@ def part_engine(sizes: Sizes, device, work: Path, corpus: str, peak_flops: float
     if memory:
         result["peak_allocated_bytes"] = max(h.get("max_memory_allocated", 0) for h in history)
         result.update(planner(config, memory))
+        result.pop("checkpointing")
         result["measured_over_predicted"] = result["peak_allocated_bytes"] / result["predicted_bytes"]
 
     # Resume: drop the last save's successor (there is none: at_end is off) and rerun the same
@@ -287,6 +287,7 @@ def part_largest(sizes: Sizes, work: Path, corpus: str, memory: int | None) -> d
     config = proof_config(sizes, sizes.largest_model, micro, str(work / "runs"), corpus, "largest", [1, 2, 3, 4],
                           sizes.largest_steps, 10**9, loader_workers=1)
     result = {"model": sizes.largest_model, "micro_batch": micro, **planner(config, budget)}
+    result.pop("checkpointing")
     result["allocated_before"] = release_memory()
     try:
         final, history = run_engine(config)
@@ -300,6 +301,62 @@ def part_largest(sizes: Sizes, work: Path, corpus: str, memory: int | None) -> d
         result["peak_allocated_bytes"] = max(h.get("max_memory_allocated", 0) for h in history)
         result["measured_over_predicted"] = result["peak_allocated_bytes"] / result["predicted_bytes"]
     return result
+
+
+# Each lever against the `auto` row (the configs' setting): a few steps of the engine's model each.
+ABLATION = (
+    ("checkpointing full", ("model.checkpointing.every=1", "model.checkpointing.stages=[1,2,3,4]")),
+    ("checkpointing auto", ("model.checkpointing=auto",)),
+    ("auto + compiled blocks", ("model.checkpointing=auto", "model.compile=blocks")),
+    ("auto + channels-last", ("model.checkpointing=auto", "model.channels_last=true")),
+)
+
+
+def part_ablation(sizes: Sizes, work: Path, corpus: str, peak_flops: float | None, memory: int | None) -> list[dict]:
+    """Checkpointing full against auto, compiled blocks and channels-last against auto: images/s,
+    MFU and peak memory of a few steps through the worker loop, the planner's prediction beside."""
+    from coatnet_scale.models import MODEL_SPECS
+
+    rows = []
+    for name, extra in ABLATION:
+        row = {"row": name}
+        if sizes.smoke and "model.compile=blocks" in extra:  # inductor on 2 CPU cores takes minutes
+            rows.append({**row, "skipped": "--smoke (tests/test_memory_levers.py trains compiled blocks on the CPU)"})
+            continue
+        config = proof_config(sizes, sizes.model, sizes.micro_batch, str(work / "runs"), corpus, f"ablation-{len(rows)}",
+                              [1, 2, 3, 4], sizes.ablation_steps, 10**9, extra=extra)
+        predicted = planner(config, memory or round(config.cluster.gpu_memory * 2**30))
+        policy = predicted.pop("checkpointing")
+        row["checkpointed_blocks"] = f"{len(policy.chosen(MODEL_SPECS[sizes.model]))} of " \
+                                     f"{sum(s.depth for s in MODEL_SPECS[sizes.model].stages)}"
+        row.update(predicted)
+        row["allocated_before"] = release_memory()
+        _, history = run_engine(config)
+        windows = history[1:] or history  # after the first window (warm-up, compilation)
+        row["images_per_second"] = statistics.median(h["images_per_second"] for h in windows)
+        forward, recomputed = flops(sizes.model, sizes.image_size, policy)
+        if peak_flops:
+            row["mfu"] = 3 * forward * row["images_per_second"] / peak_flops
+            row["hardware_flops_utilisation"] = (3 * forward + recomputed) * row["images_per_second"] / peak_flops
+        if memory:
+            row["peak_allocated_bytes"] = max(h.get("max_memory_allocated", 0) for h in history)
+            row["measured_over_predicted"] = row["peak_allocated_bytes"] / row["predicted_bytes"]
+        rows.append(row)
+    return rows
+
+
+def ablation_table(rows: list[dict]) -> str:
+    GiB = 2**30
+    lines = [f"| {'ablation row':<24} | blocks ckpt | images/s | MFU    | peak / planner GiB |"]
+    for r in rows:
+        if "skipped" in r:
+            lines.append(f"| {r['row']:<24} | skipped: {r['skipped']} |")
+            continue
+        mfu = f"{r['mfu']:.1%}" if "mfu" in r else "n/a"
+        memory = (f"{r['peak_allocated_bytes'] / GiB:.2f} / {r['predicted_bytes'] / GiB:.2f}" if "peak_allocated_bytes" in r
+                  else f"n/a / {r['predicted_bytes'] / GiB:.2f}")
+        lines.append(f"| {r['row']:<24} | {r['checkpointed_blocks']:>11} | {r['images_per_second']:8.1f} | {mfu:>6} | {memory} |")
+    return "\n".join(lines)
 
 
 def table(report: dict) -> str:
@@ -380,7 +437,8 @@ def main(argv: list[str] | None = None) -> int:
         build_demo_corpus(corpus, workers=sizes.loader_workers)
         for part, run in (("engine", lambda: part_engine(sizes, device, work, corpus, peak_flops, memory)),
                           ("baselines", lambda: part_baselines(sizes, device)),
-                          ("largest", lambda: part_largest(sizes, work, corpus, memory))):
+                          ("largest", lambda: part_largest(sizes, work, corpus, memory)),
+                          ("ablation", lambda: part_ablation(sizes, work, corpus, peak_flops, memory))):
             start = time.monotonic()
             report[part] = run()
             print(f"gpu_proof: {part} done in {time.monotonic() - start:.0f}s", flush=True)
@@ -389,6 +447,7 @@ def main(argv: list[str] | None = None) -> int:
     report["seconds"] = time.monotonic() - started
     Path(args.out).write_text(json.dumps(report, indent=1))
     print(table(report))
+    print(ablation_table(report["ablation"]))
     print(f"gpu_proof: {report['seconds']:.0f}s in all; figures in {args.out}")
     return 0
 

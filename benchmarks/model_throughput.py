@@ -7,7 +7,8 @@ Throughput: images/s of forward + backward + AdamW step at batch 8, 224 px, both
 in this process and timed in alternating rounds (median of rounds), so machine noise hits
 both alike. Prints both and the ratio ours / timm (goal >= 1.0).
 
-Memory: no checkpointing against checkpointing every block of S1-S4, each in a fresh
+Memory: no checkpointing, `auto` (the blocks model.checkpointing=auto picks for an activation
+budget halfway between the planner's none and full figures) and every block of S1-S4, each in a fresh
 subprocess, with glibc told to return every large free block to the OS
 (MALLOC_MMAP_THRESHOLD_), so resident memory follows what is allocated. A first training step
 sets up what stays for the process's life (oneDNN's and MKL's generated kernels and primitive
@@ -18,7 +19,9 @@ gradient is dropped once accumulated (a model state, as ZeRO-3 moves it into its
 its peak above the baseline is the activation memory: saved tensors, recomputed blocks,
 activation gradients, kernels' workspace. Each figure is printed against the capacity
 planner's prediction for the same step (`coatnet_scale.plan.activation_profile`, fp32, CPU
-kernels). Step time: median of three full training steps after the measurement.
+kernels). Step time: median of three full training steps after the measurement. Then the
+same step with each block's forward compiled (torch.compile, inductor; model.compile=blocks
+without ZeRO-3) against eager.
 """
 import argparse
 import json
@@ -79,15 +82,32 @@ def throughput(args) -> None:
 EVERY_BLOCK = (1, 2, 3, 4)  # the paper's stages S1-S4: every block of the model
 
 
-def memory_probe(every: int, batch: int, image_size: int) -> dict:
+def policy_of(spec: str):
+    """'none', 'full', or the per-block form as comma-separated block indices ('auto' resolved)."""
+    from coatnet_scale.models import Checkpointing
+
+    if spec in ("none", "full"):
+        return Checkpointing(every=int(spec == "full"), stages=EVERY_BLOCK)
+    return Checkpointing(blocks=tuple(int(b) for b in spec.split(",") if b))
+
+
+def memory_probe(spec: str, batch: int, image_size: int, compiled: bool = False) -> dict:
     """Run in a subprocess: activation memory of one step (peak resident memory above the
     baseline) and the median time of three full training steps."""
-    from coatnet_scale.models import Checkpointing, create_model
+    from coatnet_scale.models import create_model
 
-    policy = Checkpointing(every=every, stages=EVERY_BLOCK)
+    policy = policy_of(spec)
     model = create_model("coatnet_0", image_size=image_size, checkpointing=policy).train()
+    if compiled:  # as model.compile=blocks does, without DeepSpeed's leaf marking (no ZeRO-3 here)
+        from coatnet_scale.engine.compiled import BLOCKS
+
+        torch._dynamo.config.recompile_limit = 64
+        for block in (m for m in model.modules() if isinstance(m, BLOCKS)):
+            block.forward = torch.compile(block.forward)
     step = train_step_fn(model, batch, image_size)
+    start = time.perf_counter()
     step()  # kernels, caches, threads and AdamW's moments: here for good, not activations
+    first_step = time.perf_counter() - start  # with compilation, when compiled
     for p in model.parameters():
         p.grad = None
     hooks = [p.register_post_accumulate_grad_hook(lambda p: setattr(p, "grad", None)) for p in model.parameters()]
@@ -107,35 +127,51 @@ def memory_probe(every: int, batch: int, image_size: int) -> dict:
         start = time.perf_counter()
         step()
         times.append(time.perf_counter() - start)
-    blocks = [policy.applies(stage.paper_stage, i) for stage in model.spec.stages for i in range(stage.depth)]
-    return {"activation_bytes": activation_bytes, "step_seconds": statistics.median(times),
-            "checkpointed_blocks": sum(blocks), "blocks": len(blocks)}
+    return {"activation_bytes": activation_bytes, "step_seconds": statistics.median(times), "first_step_seconds": first_step,
+            "checkpointed_blocks": len(policy.chosen(model.spec)), "blocks": sum(s.depth for s in model.spec.stages)}
+
+
+def probe(spec: str, args, compiled: bool = False) -> dict:
+    command = [sys.executable, __file__, "--probe", spec, "--batch", str(args.batch), "--image-size", str(args.image_size)]
+    out = subprocess.run(command + (["--compiled"] if compiled else []), capture_output=True, text=True, check=True,
+                         env={**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"})
+    return json.loads(out.stdout.strip().splitlines()[-1])
 
 
 def memory(args) -> None:
+    """None, auto and full checkpointing: measured activation memory against the planner's, and
+    step time. `auto` gets an activation budget halfway between the planner's none and full
+    figures and checkpoints the blocks model.checkpointing=auto would choose for it."""
     from coatnet_scale.models import Checkpointing
-    from coatnet_scale.plan import activation_profile
+    from coatnet_scale.plan import activation_peak, activation_profile
+    from coatnet_scale.plan_checkpointing import block_costs, choose_blocks
 
-    results = {}
-    for every in (0, 1):
-        out = subprocess.run(
-            [sys.executable, __file__, "--probe", str(every), "--batch", str(args.batch), "--image-size", str(args.image_size)],
-            capture_output=True, text=True, check=True, env={**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"},
-        )
-        results[every] = json.loads(out.stdout.strip().splitlines()[-1])
-    plan = activation_profile("coatnet_0", args.image_size, Checkpointing(every=1, stages=EVERY_BLOCK), element_bytes=4,
-                              device="cpu")
-    none, every = results[0], results[1]
+    def planned(policy: Checkpointing) -> int:
+        return activation_peak("coatnet_0", args.image_size, policy, args.batch, element_bytes=4, device="cpu")
+
+    none_planned, full_planned = planned(policy_of("none")), planned(policy_of("full"))
+    budget = (none_planned + full_planned) / 2
+    blocks, _ = choose_blocks(block_costs("coatnet_0", args.image_size, element_bytes=4), args.batch, planned, budget)
+    runs = {"none": "none", f"auto ({budget / 2**20:.0f} MiB budget)": ",".join(map(str, blocks)), "full": "full"}
+    results = {label: probe(spec, args) for label, spec in runs.items()}
+    profile = activation_profile("coatnet_0", args.image_size, Checkpointing(every=1, stages=EVERY_BLOCK), element_bytes=4,
+                                 device="cpu")
+    assert profile.total(False, args.batch) == none_planned
     print(f"\nactivation checkpointing, coatnet_0, batch {args.batch} at {args.image_size}px (fp32, CPU):")
-    for label, r, checkpointed in (("none", none, False), ("every block", every, True)):
-        predicted = plan.total(checkpointed, args.batch)
-        print(f"  {label + ' (' + str(r['checkpointed_blocks']) + ' of ' + str(r['blocks']) + ' blocks)':<31}"
+    for (label, spec), r in zip(runs.items(), results.values()):
+        predicted = planned(policy_of(spec))
+        print(f"  {label + ' (' + str(r['checkpointed_blocks']) + ' of ' + str(r['blocks']) + ' blocks)':<40}"
               f"activations {r['activation_bytes'] / 2**20:6.0f} MiB (planner {predicted / 2**20:6.0f} MiB, "
               f"measured/planner {r['activation_bytes'] / predicted:.2f}), step {r['step_seconds']:.2f}s")
-    print(
-        f"  activation memory none/every {none['activation_bytes'] / every['activation_bytes']:.2f}x, "
-        f"time ratio every/none {every['step_seconds'] / none['step_seconds']:.2f}x"
-    )
+    none, auto, full = results.values()
+    for label, r in (("auto", auto), ("full", full)):
+        print(f"  {label}: activation memory none/{label} {none['activation_bytes'] / r['activation_bytes']:.2f}x, "
+              f"time ratio {label}/none {r['step_seconds'] / none['step_seconds']:.2f}x")
+    if not args.skip_compile:
+        compiled = probe("none", args, compiled=True)
+        print(f"  compiled blocks (torch.compile, inductor), no checkpointing: step {compiled['step_seconds']:.2f}s, "
+              f"eager/compiled {none['step_seconds'] / compiled['step_seconds']:.2f}x; first step (compiling) "
+              f"{compiled['first_step_seconds']:.0f}s; activations {compiled['activation_bytes'] / 2**20:.0f} MiB")
 
 
 def main() -> None:
@@ -144,13 +180,17 @@ def main() -> None:
     parser.add_argument("--image-size", type=int, default=224)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--steps-per-round", type=int, default=3)
-    parser.add_argument("--probe", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--skip-throughput", action="store_true", help="only the memory and compile sections")
+    parser.add_argument("--skip-compile", action="store_true", help="leave out compiled blocks")
+    parser.add_argument("--probe", help=argparse.SUPPRESS)
+    parser.add_argument("--compiled", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     torch.set_num_threads(os.cpu_count())
     if args.probe is not None:
-        print(json.dumps(memory_probe(args.probe, args.batch, args.image_size)))
+        print(json.dumps(memory_probe(args.probe, args.batch, args.image_size, args.compiled)))
         return
-    throughput(args)
+    if not args.skip_throughput:
+        throughput(args)
     memory(args)
 
 

@@ -41,7 +41,12 @@ class ModelConfig(Section):
     image_size: int = Field(32, ge=32, multiple_of=32)
     num_classes: int = Field(10, ge=1)
     drop_path_rate: float = Field(0.0, ge=0.0, lt=1.0)
-    checkpointing: CheckpointingConfig = CheckpointingConfig()
+    checkpointing: CheckpointingConfig | Literal["auto"] = Field(
+        CheckpointingConfig(), description="which blocks recompute their activations in backward; auto: the fewest that "
+                                           "fit the device's memory at train.micro_batch_size (docs/planning.md)")
+    channels_last: bool = Field(False, description="the stem and MBConv stages in channels-last memory format")
+    compile: Literal["none", "blocks"] = Field("none", description="blocks: torch.compile (inductor) each MBConv and "
+                                                                   "Transformer block, a ZeRO-3 leaf (docs/engine.md)")
 
     @field_validator("name")
     @classmethod
@@ -125,6 +130,8 @@ class ClusterConfig(Section):
     cpus_per_worker: float = Field(1.0, gt=0)
     gpus_per_worker: float = Field(1.0, ge=0)
     memory_per_worker_gb: float | None = Field(None, gt=0)
+    gpu_memory: float | None = Field(None, gt=0, description="GiB per device for model.checkpointing=auto where the worker "
+                                                             "cannot ask the device (CPU workers); GPUs use their own size")
     max_failures: int = Field(3, ge=-1, description="worker-group restarts before the job fails; -1: unlimited")
     min_workers: int | None = Field(None, ge=1, description="elastic: Ray restarts a group that lost nodes with as few "
                                                             "as this many workers (and grows it back); default num_workers: fixed")
@@ -235,6 +242,12 @@ class Config(Section):
                     f"train.global_batch_size={t.global_batch_size} is not train.micro_batch_size="
                     f"{t.micro_batch_size} x train.grad_accum_steps={t.grad_accum_steps} x cluster.num_workers="
                     f"{c.num_workers} (= {t.micro_batch_size * t.grad_accum_steps * c.num_workers}), and {e}") from None
+        return self
+
+    @model_validator(mode="after")
+    def _auto_checkpointing_has_a_budget(self) -> "Config":
+        if self.model.checkpointing == "auto" and not self.cluster.use_gpu and self.cluster.gpu_memory is None:
+            raise ValueError("model.checkpointing=auto on CPU workers needs cluster.gpu_memory (GiB per worker to plan for)")
         return self
 
     @model_validator(mode="after")

@@ -32,7 +32,8 @@ from torch.utils._pytree import tree_leaves
 
 from coatnet_scale.batch import batch_plan
 from coatnet_scale.config import add_config_arguments, config_from_arguments
-from coatnet_scale.models import Checkpointing, count_flops, count_parameters, create_model
+from coatnet_scale.models import MODEL_SPECS, Checkpointing, count_flops, count_parameters, create_model
+from coatnet_scale.plan_checkpointing import block_costs, choose_blocks, describe_blocks
 
 GiB = 2**30
 BYTES_PER_PARAM = {"parameters": 2 + 4, "gradients": 4, "optimizer": 8}  # bf16 + fp32 master; fp32; AdamW m, v
@@ -151,28 +152,39 @@ def _envelope(lines: set[tuple[int, int]]) -> list[tuple[int, int]]:
     return kept
 
 
-@functools.lru_cache(maxsize=32)
 def activation_profile(model_name: str, image_size: int, checkpointing: Checkpointing, element_bytes: int = 2,
                        num_classes: int = 1000, device: str = "cuda") -> ActivationProfile:
     """Activation memory of a training step, without checkpointing and with `checkpointing`,
     floating-point tensors at `element_bytes` (2: bf16). `device` names whose kernels' hidden
-    workspace is added (HIDDEN_WORKSPACE): "cuda" or "cpu". The step runs at batch 2 and 3
-    (batch 1 skips a few copies): every tensor's size is affine in the batch, so the two traces
-    give each op's line."""
+    workspace is added (HIDDEN_WORKSPACE): "cuda" or "cpu"."""
+    none = activation_lines(model_name, image_size, Checkpointing(), element_bytes, num_classes, device)
+    if not checkpointing.enabled:
+        return ActivationProfile({False: none, True: none})
+    return ActivationProfile({False: none, True: activation_lines(model_name, image_size, checkpointing, element_bytes,
+                                                                  num_classes, device)})
+
+
+@functools.lru_cache(maxsize=256)
+def activation_lines(model_name: str, image_size: int, checkpointing: Checkpointing, element_bytes: int = 2,
+                     num_classes: int = 1000, device: str = "cuda") -> list[tuple[int, int]]:
+    """`ActivationProfile.lines` of one policy. The step runs at batch 2 and 3 (batch 1 skips a
+    few copies): every tensor's size is affine in the batch, so the two traces give each op's line."""
     if device not in HIDDEN_WORKSPACE:
         raise ValueError(f"device must be one of {', '.join(HIDDEN_WORKSPACE)}, got {device!r}")
     with torch.device("meta"):
-        model = create_model(model_name, num_classes, image_size).train()
-    lines = {}
-    for checkpointed, policy in ((False, Checkpointing()), (True, checkpointing)):
-        if not policy.every and checkpointed:
-            lines[True] = lines[False]
-            break
-        model.checkpointing = policy
-        two, three = (_step_trace(model, batch, element_bytes, device) for batch in (2, 3))
-        assert len(two) == len(three), "the step ran different ops at batch 2 and 3"
-        lines[checkpointed] = _envelope({(3 * a - 2 * b, b - a) for a, b in zip(two, three)})
-    return ActivationProfile(lines)
+        model = create_model(model_name, num_classes, image_size, checkpointing=checkpointing).train()
+    two, three = (_step_trace(model, batch, element_bytes, device) for batch in (2, 3))
+    assert len(two) == len(three), "the step ran different ops at batch 2 and 3"
+    return _envelope({(3 * a - 2 * b, b - a) for a, b in zip(two, three)})
+
+
+@functools.lru_cache(maxsize=256)
+def activation_peak(model_name: str, image_size: int, checkpointing: Checkpointing, batch: int, element_bytes: int = 2,
+                    num_classes: int = 1000, device: str = "cuda") -> int:
+    """The activation peak of a step at this batch, from one replay (`activation_lines` takes two)."""
+    with torch.device("meta"):
+        model = create_model(model_name, num_classes, image_size, checkpointing=checkpointing).train()
+    return max(_step_trace(model, batch, element_bytes, device))
 
 
 def largest_layer_params(model_name: str, num_classes: int = 1000) -> int:
@@ -224,7 +236,7 @@ def predicted_allocated_bytes(model_name: str, image_size: int, micro_batch: int
     states = model_states(params, largest_layer_params(model_name, num_classes), world_size, dtype_bytes,
                           reduce_bucket_size)
     profile = activation_profile(model_name, image_size, checkpointing, dtype_bytes, num_classes, device)
-    activations = profile.total(bool(checkpointing.every), micro_batch)
+    activations = profile.total(checkpointing.enabled, micro_batch)
     transient = max(activations, optimizer_step_bytes(params, world_size, device))
     return round(sum(states.values()) + transient)
 
@@ -236,9 +248,10 @@ def plan(config, gpus: int, gpu_memory: int, peak_tflops: float, mfu: float) -> 
     largest = largest_layer_params(m.name, m.num_classes)
     states = model_states(params, largest, gpus, reduce_bucket_size=config.deepspeed.reduce_bucket_size)
     state_total = sum(states.values())
-    policy = Checkpointing(m.checkpointing.every, tuple(m.checkpointing.stages))
+    choice = checkpointing_policy(config, gpus, gpu_memory)
+    policy = choice.policy
     profile = activation_profile(m.name, m.image_size, policy, num_classes=m.num_classes)
-    checkpointed = bool(policy.every)
+    checkpointed = policy.enabled
     per_image = {"without checkpointing": profile.per_image(False), "with checkpointing": profile.per_image(True)}
     activations = profile.total(checkpointed, t.micro_batch_size)
     hpz_copy = hpz_copy_bytes(params, config.deepspeed.zero_hpz_partition_size)
@@ -250,15 +263,77 @@ def plan(config, gpus: int, gpu_memory: int, peak_tflops: float, mfu: float) -> 
         largest_micro = profile.largest_batch(checkpointed, usable - state_total - hpz_copy)
     forward = count_flops(m.name, m.image_size, m.num_classes)
     step_flops = 3 * forward * t.global_batch_size  # model FLOPs: forward + backward (2x), as MFU counts them
-    hardware_flops = (4 if policy.every else 3) * forward * t.global_batch_size  # + the recomputed forward
+    # + the recomputed forward; counted whole when any block recomputes (an upper bound under auto)
+    hardware_flops = (4 if policy.enabled else 3) * forward * t.global_batch_size
     return {
         "params": params, "states": states, "state_total": state_total, "per_image": per_image,
         "micro_batch": t.micro_batch_size, "activations": activations, "hpz_copy": hpz_copy, "optimizer_step": optimizer_step,
         "allocated": allocated, "fits": allocated <= usable, "largest_micro_batch": largest_micro,
         "usable": usable, "step_flops": step_flops, "step_seconds": step_flops / (gpus * peak_tflops * 1e12 * mfu),
         "hardware_flops": hardware_flops, "hfu": mfu * hardware_flops / step_flops,
-        "largest_layer": largest,
+        "largest_layer": largest, "checkpointing": choice,
     }
+
+
+# -- activation checkpointing: as configured, or the fewest blocks that fit (auto) ------------
+
+
+@dataclass
+class CheckpointingChoice:
+    policy: Checkpointing
+    auto: bool
+    described: str  # which blocks, by stage
+    activations: int | None = None  # auto: the predicted activation peak at the micro-batch
+    budget: float | None = None  # auto: what the activations could take
+
+
+def configured_checkpointing(model_config) -> Checkpointing | None:
+    """The models' record of `model.checkpointing` as set; None for auto (the planner decides)."""
+    c = model_config.checkpointing
+    return None if c == "auto" else Checkpointing(c.every, tuple(c.stages))
+
+
+def checkpointing_policy(config, world_size: int, device_memory: float, device: str = "cuda",
+                         element_bytes: int = 2) -> CheckpointingChoice:
+    """The configured policy or, for `model.checkpointing: auto`, the fewest blocks (most
+    activation bytes freed per recomputed FLOP first, plan_checkpointing) whose predicted step
+    fits `device_memory` less the reserve at the configured micro-batch, beside the model states
+    (and hpZ's copy) of `world_size` GPUs. A ValueError, one line, when even every block does not."""
+    m = config.model
+    spec = MODEL_SPECS[m.name]
+    configured = configured_checkpointing(m)
+    if configured is not None:
+        return CheckpointingChoice(configured, False, describe_blocks(spec, tuple(configured.chosen(spec))))
+    with torch.device("meta"):
+        params = count_parameters(create_model(m.name, m.num_classes, m.image_size))
+    ds, micro = config.deepspeed, config.train.micro_batch_size
+    states = sum(model_states(params, largest_layer_params(m.name, m.num_classes), world_size, element_bytes,
+                              ds.reduce_bucket_size).values())
+    usable = device_memory * (1 - RESERVED)
+    budget = usable - states - hpz_copy_bytes(params, ds.zero_hpz_partition_size, element_bytes)
+
+    def peak(policy: Checkpointing) -> int:
+        return activation_peak(m.name, m.image_size, policy, micro, element_bytes, m.num_classes, device)
+
+    chosen = None
+    if states + optimizer_step_bytes(params, world_size, device) <= usable:
+        chosen = choose_blocks(block_costs(m.name, m.image_size, m.num_classes, element_bytes), micro, peak, budget)
+    if chosen is None:
+        raise ValueError(f"model.checkpointing=auto: {m.name} at micro-batch {micro} DOES NOT FIT in {usable / GiB:.3g} "
+                         f"GiB usable ({device_memory / GiB:.3g} GiB less {RESERVED:.0%}) on {world_size} GPUs even with "
+                         f"every block checkpointed; lower train.micro_batch_size or add GPUs")
+    blocks, activations = chosen
+    return CheckpointingChoice(Checkpointing(blocks=blocks), True, describe_blocks(spec, blocks), activations, budget)
+
+
+def describe_choice(choice: CheckpointingChoice, spec) -> str:
+    """`activation checkpointing: auto, K of N blocks (...)`, as the plan and the worker print it."""
+    total = sum(stage.depth for stage in spec.stages)
+    count = len(choice.policy.chosen(spec))
+    line = f"activation checkpointing: {'auto' if choice.auto else 'as configured'}, {count} of {total} blocks ({choice.described})"
+    if choice.auto:
+        line += f"; predicted activation peak {choice.activations / GiB:.2f} GiB of {choice.budget / GiB:.2f} GiB left for them"
+    return line
 
 
 # -- network: what ZeRO-3 sends per step ------------------------------------------------------
@@ -369,7 +444,7 @@ def zero3_collectives(profile: GatherProfile, gpus: int, hpz: int, micro_steps: 
 
 
 def network(config, gpus: int, gpus_per_node: int, intra_gbps: float, inter_gbps: float, compute_seconds: float,
-            profile: GatherProfile | None = None) -> dict:
+            profile: GatherProfile | None = None, checkpointing: Checkpointing | None = None) -> dict:
     """Bytes each GPU sends (and, the collectives being symmetric, receives) per optimizer step,
     the time they take, and the step time against the compute time.
 
@@ -385,8 +460,7 @@ def network(config, gpus: int, gpus_per_node: int, intra_gbps: float, inter_gbps
     per_gpu, micro = batch.global_batch_size // gpus, batch.micro_batch_size
     element_bytes = 2 if (config.cluster.use_gpu if ds.bf16 is None else ds.bf16) else 4
     if profile is None:
-        profile = gather_profile(m.name, m.image_size, m.num_classes,
-                                 Checkpointing(m.checkpointing.every, tuple(m.checkpointing.stages)), ds)
+        profile = gather_profile(m.name, m.image_size, m.num_classes, checkpointing or configured_checkpointing(m), ds)
     rows = []
     for c in zero3_collectives(profile, gpus, hpz, per_gpu // micro, element_bytes):
         spans_nodes = c.group > gpus_per_node
@@ -428,7 +502,8 @@ def main(argv: list[str] | None = None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     add_config_arguments(parser)
     parser.add_argument("--gpus", type=int, required=True, help="GPUs in the job (one worker each)")
-    parser.add_argument("--gpu-memory", type=parse_size, default=80 * GiB, help="per GPU, e.g. 80GiB (default)")
+    parser.add_argument("--gpu-memory", type=parse_size,
+                        help="per GPU, e.g. 141GiB (default: the config's cluster.gpu_memory, else 80GiB)")
     parser.add_argument("--peak-tflops", type=float, default=989.0, help="bf16 dense peak per GPU (H100 SXM: 989)")
     parser.add_argument("--mfu", type=float, default=0.34,
                         help="model FLOPs utilisation to assume: model FLOPs (3x the forward, recomputation not "
@@ -440,7 +515,13 @@ def main(argv: list[str] | None = None) -> int:
                         help="Gbit/s per GPU, each way, between nodes (default 400: p5's 3200 Gbit/s EFA per 8 GPUs)")
     args = parser.parse_args(argv)
     config = config_from_arguments(args)
-    r = plan(config, args.gpus, args.gpu_memory, args.peak_tflops, args.mfu)
+    if args.gpu_memory is None:
+        args.gpu_memory = round((config.cluster.gpu_memory or 80) * GiB)
+    try:
+        r = plan(config, args.gpus, args.gpu_memory, args.peak_tflops, args.mfu)
+    except ValueError as e:  # model.checkpointing=auto found nothing that fits
+        print(f"plan: {e}")
+        return 1
     m = config.model
     print(f"{m.name} at {m.image_size}px: {r['params'] / 1e9:.3f}B parameters on {args.gpus} GPUs of "
           f"{args.gpu_memory / GiB:.0f} GiB (ZeRO-3, bf16, AdamW)")
@@ -451,6 +532,7 @@ def main(argv: list[str] | None = None) -> int:
     for name, value in r["per_image"].items():
         print(f"  activations per image, {name:<22}{value / 2**20:9.1f} MiB")
     print(f"  activations, micro-batch {r['micro_batch']:<16}{r['activations'] / GiB:9.2f} GiB (as configured)")
+    print(f"  {describe_choice(r['checkpointing'], MODEL_SPECS[m.name])}")
     if r["hpz_copy"]:
         print(f"  {'hpZ secondary copy':<30}{r['hpz_copy'] / GiB:9.2f} GiB (forward and backward, beside the activations)")
     print(f"  {'optimizer step (transient)':<30}{r['optimizer_step'] / GiB:9.2f} GiB (after the backward: the higher counts)")
@@ -460,7 +542,8 @@ def main(argv: list[str] | None = None) -> int:
           f"({r['hardware_flops'] / 1e15:.1f} with the recomputation); {r['step_seconds']:.2f} s at {args.mfu:.0%} MFU "
           f"(hardware FLOP utilisation {r['hfu']:.0%}) of {args.peak_tflops:g} TFLOP/s per GPU")
     try:
-        n = network(config, args.gpus, args.gpus_per_node, args.intra_node_gbps, args.inter_node_gbps, r["step_seconds"])
+        n = network(config, args.gpus, args.gpus_per_node, args.intra_node_gbps, args.inter_node_gbps, r["step_seconds"],
+                    checkpointing=r["checkpointing"].policy)
         print_network(n, args.gpus, args.gpus_per_node, args.intra_node_gbps, args.inter_node_gbps,
                       config.deepspeed.overlap_comm)
     except ValueError as e:  # a layout the network model does not cover; the memory verdict stands

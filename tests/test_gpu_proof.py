@@ -15,7 +15,7 @@ REPO = Path(__file__).resolve().parent.parent
 def test_gpu_proof_smoke(tmp_path):
     out = tmp_path / "smoke.json"
     result = subprocess.run([sys.executable, str(REPO / "benchmarks" / "gpu_proof.py"), "--smoke", "--out", str(out)],
-                            capture_output=True, text=True, cwd=tmp_path, timeout=300)
+                            capture_output=True, text=True, cwd=tmp_path, timeout=900)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     report = json.loads(out.read_text())
     engine, baselines, largest = report["engine"], report["baselines"], report["largest"]
@@ -25,3 +25,12 @@ def test_gpu_proof_smoke(tmp_path):
     assert baselines["plain_images_per_second"] > 0 and baselines["profile"]
     assert largest["micro_batch"] >= 1 and largest["images_per_second"] > 0
     assert "| resume: next loss bit-identical" in result.stdout
+    # The ablation: every lever a row, the planner's figure beside each; auto chose its blocks
+    # for the pretend 0.5 GiB device, between none and full.
+    rows = {r["row"]: r for r in report["ablation"]}
+    assert list(rows) == ["checkpointing full", "checkpointing auto", "auto + compiled blocks", "auto + channels-last"]
+    assert "skipped" in rows["auto + compiled blocks"]
+    for name in ("checkpointing full", "checkpointing auto", "auto + channels-last"):
+        assert rows[name]["images_per_second"] > 0 and rows[name]["predicted_bytes"] > 0
+    assert rows["checkpointing full"]["checkpointed_blocks"] == "5 of 5"
+    assert "| checkpointing auto" in result.stdout

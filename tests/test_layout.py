@@ -14,10 +14,11 @@ LAYERS = {
     "coatnet_scale.storage": 0, "coatnet_scale.shard_format": 0, "coatnet_scale.batch": 0,
     "coatnet_scale.models": 0, "monitoring": 0,
     "coatnet_scale.config": 1,
-    "coatnet_scale.data": 2, "dataprep": 2,
-    "coatnet_scale.engine": 3,
-    "coatnet_scale": 4, "coatnet_scale.models.__main__": 4, "coatnet_scale.data.__main__": 4,
-    "launch": 5,
+    "coatnet_scale.data": 2, "dataprep": 2, "coatnet_scale.plan_checkpointing": 2,
+    "coatnet_scale.plan": 3,
+    "coatnet_scale.engine": 4,
+    "coatnet_scale": 5, "coatnet_scale.models.__main__": 5, "coatnet_scale.data.__main__": 5,
+    "launch": 6,
 }
 
 

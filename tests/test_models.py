@@ -107,7 +107,8 @@ def test_bf16_autocast_forward_backward():
 
 
 @pytest.mark.parametrize(
-    "policy", [Checkpointing(every=1), Checkpointing(every=2), Checkpointing(every=1, stages=(3, 4))]
+    "policy", [Checkpointing(every=1), Checkpointing(every=2), Checkpointing(every=1, stages=(3, 4)),
+               Checkpointing(blocks=(0, 3, 4))]
 )
 def test_checkpointing_gives_equal_gradients(policy):
     def run(checkpointing):
@@ -143,6 +144,19 @@ def test_checkpointing_actually_recomputes():
 
     assert count_calls(0) == 1
     assert count_calls(1) == 2
+
+
+def test_per_block_checkpointing_recomputes_exactly_those_blocks():
+    """The per-block form (what model.checkpointing=auto resolves to) names blocks over the whole
+    model; every/stages are then ignored."""
+    model = create_model("coatnet_pico_split", 10, 64, checkpointing=Checkpointing(every=1, blocks=(1, 4)))
+    blocks = [block for stage in model.stages for block in stage]
+    calls = [0] * len(blocks)
+    for i, block in enumerate(blocks):
+        block.register_forward_pre_hook(lambda *_, i=i: calls.__setitem__(i, calls[i] + 1))
+    model(torch.randn(2, 3, 64, 64)).sum().backward()
+    assert calls == [2 if i in (1, 4) else 1 for i in range(len(blocks))]
+    assert model.checkpointing.chosen(model.spec) == [1, 4] and Checkpointing(blocks=()).enabled is False
 
 
 def test_resize_to_same_size_is_identity():

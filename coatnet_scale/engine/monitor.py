@@ -92,11 +92,14 @@ def warn_loopback_across_nodes(listed: list[tuple[str, dict]], nodes: set[str]) 
                     "or 0.0.0.0, on a private network", len(nodes), ", ".join(loopback))
 
 
-def start_training_monitor(config: Config, rank: int, world_size: int, device, step: int, epoch: int):
+def start_training_monitor(config: Config, rank: int, world_size: int, device, step: int, epoch: int,
+                           recomputes: bool | None = None):
     """The worker's monitor, serving /metrics, with every rank's target published by rank 0.
 
     Collective (one all_gather of a few bytes) when torch.distributed is initialised, so every
-    rank must call it. Nothing here stops training: failures log a warning and are skipped."""
+    rank must call it. Nothing here stops training: failures log a warning and are skipped.
+    `recomputes`: whether any block recomputes its forward (the model's resolved checkpointing,
+    `auto` included); hardware FLOPs count that forward again, as the planner does."""
     m, model = config.monitoring, config.model
     if not m.enabled:
         return Unmonitored()
@@ -112,7 +115,9 @@ def start_training_monitor(config: Config, rank: int, world_size: int, device, s
         log.warning("cannot count %s's FLOPs (%s); FLOP/s and MFU not exported", model.name, e)
         flops = None
     monitor = TrainingMonitor(labels, device, flops, m.peak_tflops * 1e12 if m.peak_tflops else None)
-    monitor.recompute_factor = 4 / 3 if model.checkpointing.every else 1.0  # as the planner counts it
+    if recomputes is None:  # not told: as configured (auto is resolved only where the model is built)
+        recomputes = not isinstance(model.checkpointing, str) and model.checkpointing.every > 0
+    monitor.recompute_factor = 4 / 3 if recomputes else 1.0  # as the planner counts it
     monitor.linger_seconds = m.linger_seconds
     monitor.checkpoint_interval.set(config.checkpoint.every_steps)
     options = storage_options(config.storage)

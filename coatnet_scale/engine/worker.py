@@ -34,6 +34,7 @@ from coatnet_scale.data import eval_loader, train_loader
 from coatnet_scale.data.plan import Phase, derive_seed
 from coatnet_scale.engine import collectives
 from coatnet_scale.engine.checkpoint import Checkpoints, tag_for
+from coatnet_scale.engine.compiled import compile_blocks
 from coatnet_scale.engine.ema import ShardedEMA
 from coatnet_scale.engine.failures import FailureLog
 from coatnet_scale.engine.faults import Faults
@@ -44,8 +45,9 @@ from coatnet_scale.engine.placement import placement_problems
 from coatnet_scale.engine.pretrained import load_initial_weights
 from coatnet_scale.engine.watchdog import Watchdog
 from coatnet_scale.engine.zero import deepspeed_config
-from coatnet_scale.models import Checkpointing, create_model
+from coatnet_scale.models import MODEL_SPECS, Checkpointing, create_model
 from coatnet_scale.models.coatnet import BatchNorm2d
+from coatnet_scale.plan import GiB, checkpointing_policy, describe_choice
 from coatnet_scale.storage import storage_options, url_to_fs
 
 
@@ -99,12 +101,14 @@ def build_engine(config: Config, use_gpu: bool, initial_weights: bool = False, l
     if load_universal:
         ds_config["checkpoint"] = {"load_universal": True}
     m = config.model
+    checkpointing = activation_checkpointing(config, use_gpu, ds_config["bf16"]["enabled"])
     torch.manual_seed(config.train.seed)  # the same initial weights whatever the world size
     with deepspeed.zero.Init(config_dict_or_path=ds_config, enabled=config.deepspeed.zero_stage == 3):
-        model = create_model(
-            m.name, m.num_classes, m.image_size, m.drop_path_rate,
-            Checkpointing(m.checkpointing.every, tuple(m.checkpointing.stages)),
-        )
+        model = create_model(m.name, m.num_classes, m.image_size, m.drop_path_rate, checkpointing, m.channels_last)
+    if m.compile == "blocks":
+        compiled = compile_blocks(model, use_gpu)
+        if dist.get_rank() == 0:
+            print(f"model.compile=blocks: {compiled} blocks compiled (inductor), each a ZeRO-3 leaf", flush=True)
     if initial_weights:
         notes = load_initial_weights(model, config, storage_options(config.storage), dist.get_rank())
         if dist.get_rank() == 0:
@@ -122,6 +126,20 @@ def build_engine(config: Config, use_gpu: bool, initial_weights: bool = False, l
         model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config
     )
     return engine, scheduler
+
+
+def activation_checkpointing(config: Config, use_gpu: bool, bf16: bool) -> Checkpointing:
+    """`model.checkpointing` as configured or, for auto, the planner's choice for this device's
+    memory (cluster.gpu_memory for CPU workers) at this group's size and micro-batch; rank 0
+    logs it with the predicted activation peak."""
+    if use_gpu:
+        memory = torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory
+    else:
+        memory = (config.cluster.gpu_memory or 0) * GiB
+    choice = checkpointing_policy(config, dist.get_world_size(), memory, "cuda" if use_gpu else "cpu", 2 if bf16 else 4)
+    if dist.get_rank() == 0:
+        print(describe_choice(choice, MODEL_SPECS[config.model.name]), flush=True)
+    return choice.policy
 
 
 def input_dtype(engine) -> torch.dtype:
@@ -428,7 +446,8 @@ def _train(config: Config, placement: Placement, device: torch.device, checkpoin
         monitor = monitors[0]
         monitor.resumed(step, epoch)
     else:
-        monitor = start_training_monitor(config, rank, world_size, device, step, epoch)
+        monitor = start_training_monitor(config, rank, world_size, device, step, epoch,
+                                         recomputes=engine.module.checkpointing.enabled)
         monitors.append(monitor)
     health.started(monitor)
     return _loop(config, placement, engine, scheduler, checkpoints, batches, validation, ema, monitor, health,

@@ -29,10 +29,10 @@ def main() -> None:
     if args.config is None:
         return
     m = config.model
-    model = create_model(
-        m.name, m.num_classes, m.image_size, m.drop_path_rate,
-        Checkpointing(m.checkpointing.every, tuple(m.checkpointing.stages)),
-    )
+    # auto is the planner's to resolve (python -m coatnet_scale.plan); timed here as every block.
+    policy = Checkpointing(every=1) if m.checkpointing == "auto" else Checkpointing(m.checkpointing.every,
+                                                                                   tuple(m.checkpointing.stages))
+    model = create_model(m.name, m.num_classes, m.image_size, m.drop_path_rate, policy, m.channels_last)
     images = torch.randn(config.train.micro_batch_size, 3, m.image_size, m.image_size)
     labels = torch.randint(0, m.num_classes, (len(images),))
     start = time.perf_counter()

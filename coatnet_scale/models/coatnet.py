@@ -86,13 +86,28 @@ class Checkpointing:
     every: 0 = none, 1 = every block, k = every k-th block (counted within each stage).
     stages: the paper's stage numbers (1..4) it applies to; S3 of CoAtNet-6/7 covers both its
     MBConv and its Transformer blocks.
+    blocks: the per-block form, which replaces every/stages when given: the indices of the
+    blocks to checkpoint, counted over the whole model from 0 (the first block of S1).
     """
 
     every: int = 0
     stages: tuple[int, ...] = (1, 2, 3, 4)
+    blocks: tuple[int, ...] | None = None
 
-    def applies(self, paper_stage: int, index_in_stage: int) -> bool:
+    @property
+    def enabled(self) -> bool:
+        return bool(self.blocks) if self.blocks is not None else self.every > 0
+
+    def applies(self, paper_stage: int, index_in_stage: int, block: int) -> bool:
+        """Whether the block `index_in_stage` of its stage, `block` of the model, recomputes."""
+        if self.blocks is not None:
+            return block in self.blocks
         return self.every > 0 and paper_stage in self.stages and index_in_stage % self.every == 0
+
+    def chosen(self, spec: "CoAtNetSpec") -> list[int]:
+        """The model's block indices this policy checkpoints."""
+        places = [(stage.paper_stage, i) for stage in spec.stages for i in range(stage.depth)]
+        return [b for b, (paper_stage, i) in enumerate(places) if self.applies(paper_stage, i, b)]
 
 
 # ---------------------------------------------------------------------------------------
@@ -291,6 +306,7 @@ class CoAtNet(nn.Module):
         image_size: int = 224,
         drop_path_rate: float = 0.0,
         checkpointing: Checkpointing = Checkpointing(),
+        channels_last: bool = False,
     ):
         super().__init__()
         if image_size % 32:
@@ -299,6 +315,9 @@ class CoAtNet(nn.Module):
         self.image_size = image_size
         self.num_classes = num_classes
         self.checkpointing = checkpointing
+        # Convolutions in channels-last (NHWC) memory format: cuDNN's bf16 depthwise kernels run
+        # only in it. Only the activations change layout; parameters and checkpoints do not.
+        self.channels_last = channels_last
         self.stem = nn.Sequential(
             Conv2d(3, spec.stem_dim, 3, stride=2, padding=1, bias=False),
             BatchNorm2d(spec.stem_dim),
@@ -330,19 +349,23 @@ class CoAtNet(nn.Module):
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """Images (B, 3, H, W) -> pooled, normalised features (B, num_features)."""
+        if self.channels_last:  # the stem and MBConv stages keep it: convolutions and BatchNorm preserve it
+            x = x.contiguous(memory_format=torch.channels_last)
         x = self.stem(x)
-        channels_last = False
+        nhwc = False  # Transformer blocks take (B, H, W, C) tensors
+        index = 0  # the block's place in the model
         for stage, blocks in zip(self.spec.stages, self.stages):
-            if (stage.kind == "transformer") != channels_last:
-                channels_last = not channels_last
-                x = x.permute(0, 2, 3, 1) if channels_last else x.permute(0, 3, 1, 2)
+            if (stage.kind == "transformer") != nhwc:
+                nhwc = not nhwc
+                x = x.permute(0, 2, 3, 1) if nhwc else x.permute(0, 3, 1, 2)
             for i, block in enumerate(blocks):
-                if self.training and self.checkpointing.applies(stage.paper_stage, i):
+                if self.training and self.checkpointing.applies(stage.paper_stage, i, index):
                     contexts = lambda block=block: (contextlib.nullcontext(), _frozen_batchnorm_stats(block))
                     x = checkpoint(block, x, use_reentrant=False, context_fn=contexts)
                 else:
                     x = block(x)
-        x = x.mean(dim=(1, 2)) if channels_last else x.mean(dim=(2, 3))
+                index += 1
+        x = x.mean(dim=(1, 2)) if nhwc else x.mean(dim=(2, 3))
         return self.pre_logits(self.norm(x))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -355,11 +378,13 @@ def create_model(
     image_size: int = 224,
     drop_path_rate: float = 0.0,
     checkpointing: Checkpointing | None = None,
+    channels_last: bool = False,
 ) -> CoAtNet:
     """Build a registered CoAtNet. Use `with torch.device("meta"):` to build without memory."""
     if name not in MODEL_SPECS:
         raise ValueError(f"unknown model {name!r}; registered: {', '.join(MODEL_SPECS)}")
-    return CoAtNet(MODEL_SPECS[name], num_classes, image_size, drop_path_rate, checkpointing or Checkpointing())
+    return CoAtNet(MODEL_SPECS[name], num_classes, image_size, drop_path_rate, checkpointing or Checkpointing(),
+                   channels_last)
 
 
 def list_models() -> list[str]:
