@@ -583,7 +583,10 @@ def recommend(config, args, current: dict, current_net: dict) -> dict:
             choice = {"train.micro_batch_size": micro, "train.grad_accum_steps": per_gpu // micro,
                       "deepspeed.zero_hpz_partition_size": hpz}
             candidate = with_overrides(config, {**choice, "cluster.num_workers": gpus})
-            r = plan(candidate, gpus, args.gpu_memory, args.peak_tflops, args.mfu)
+            try:
+                r = plan(candidate, gpus, args.gpu_memory, args.peak_tflops, args.mfu)
+            except ValueError:  # model.checkpointing=auto: no choice of blocks fits this micro-batch
+                continue
             if not r["fits"]:
                 continue
             n = network(candidate, gpus, args.gpus_per_node, args.intra_node_gbps, args.inter_node_gbps,

@@ -231,15 +231,19 @@ def test_network_bytes_match_deepspeeds_comms_logger(unused_tcp_port, tmp_path):
 def test_plan_recommends_a_compute_bound_step(capsys):
     """CoAtNet-6 on 64 H100s as shipped (micro-batch 16, 4 micro-steps) is communication-bound;
     the planner's `recommended:` overrides, applied, are what the same planner calls
-    compute-bound, and faster. MFU and hardware FLOP utilisation are printed side by side: with
-    every block recomputed, the hardware does 4/3 of the model FLOPs."""
+    compute-bound, and faster. MFU and hardware FLOP utilisation are printed side by side: the
+    shipped `auto` checkpoints no block at micro-batch 16 on 80 GiB, so they are equal; with every
+    block recomputed, the hardware does 4/3 of the model FLOPs."""
     from coatnet_scale.plan import main
 
     args = ["--config", "coatnet6", "--gpus", "64", "--gpu-memory", "80GiB"]
+    assert main([*args, "--set", "model.checkpointing={every: 1}"]) == 0
+    assert "at 34% MFU (hardware FLOP utilisation 45%)" in capsys.readouterr().out
     assert main(args) == 0
     before = capsys.readouterr().out
     assert "communication-bound" in before.splitlines()[-2]
-    assert "at 34% MFU (hardware FLOP utilisation 45%)" in before
+    assert "activation checkpointing: auto, 0 of 58 blocks" in before
+    assert "at 34% MFU (hardware FLOP utilisation 34%)" in before
     line = before.splitlines()[-1]
     assert line.startswith("recommended: --set "), line
     overrides = re.findall(r"--set (\S+)", line)

@@ -33,9 +33,10 @@ def read_metrics(storage: Path, run_name: str) -> dict:
 @pytest.mark.parametrize(
     "override, message",
     [
-        ("cluster.num_workers=3", "train.global_batch_size=64 is not train.micro_batch_size=32 x train.grad_accum_steps=1 "
-                                  "x cluster.num_workers=3 (= 96), and train.global_batch_size=64 cannot be made by 3 "
-                                  "workers (the nearest is 63, 1.56% off); worker counts that make it: 64, 32, 16"),
+        (("cluster.num_workers=3", "train.elastic_batch_tolerance=0"),
+         "train.global_batch_size=64 is not train.micro_batch_size=32 x train.grad_accum_steps=1 x cluster.num_workers=3 "
+         "(= 96), and train.global_batch_size=64 cannot be made by 3 workers with micro-batches of 16..32 (the nearest is "
+         "63, 1.56% off); worker counts that make it: 64, 32, 16"),
         ("model.name=coatnet_9", "model.name: unknown model; did you mean coatnet_"),
         ("data.train_manifest=/nonexistent/train/manifest.json", "data.train_manifest: cannot read /nonexistent/train/manifest.json"),
         ("storage.url=/proc/coatnet-scale-cannot-write-here", "storage.url: cannot use /proc/coatnet-scale-cannot-write-here"),
@@ -44,7 +45,8 @@ def read_metrics(storage: Path, run_name: str) -> dict:
 )
 def test_bad_config_fails_before_any_worker(demo_corpus, tmp_path, override, message):
     start = time.monotonic()
-    result = subprocess.run(pretrain_command(f"storage.url={tmp_path}", override), capture_output=True, text=True,
+    overrides = override if isinstance(override, tuple) else (override,)
+    result = subprocess.run(pretrain_command(f"storage.url={tmp_path}", *overrides), capture_output=True, text=True,
                             cwd=REPO, timeout=120)
     assert result.returncode == 2, result.stderr[-2000:]
     assert message in result.stderr
