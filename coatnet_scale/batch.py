@@ -79,26 +79,26 @@ def _nearest_batch(train, world_size: int) -> int:
 def describe_sizes(train, min_workers: int, max_workers: int) -> list[str]:
     """What each group size from max_workers down to min_workers runs, consecutive sizes with
     the same micro-batch and accumulation on one line; sizes that cannot run say so."""
-    rows: list[tuple[int, int, str]] = []  # (first size, last size, what it runs)
+    rows: list[list] = []  # [first size, last size, what it runs, global batches]
     for size in range(max_workers, min_workers - 1, -1):
         try:
             plan = batch_plan(train, size, max_workers, min_workers)
-            what = f"micro-batch {plan.micro_batch_size} x {plan.grad_accum_steps}"
+            what, batch = f"micro-batch {plan.micro_batch_size} x {plan.grad_accum_steps}", plan.global_batch_size
         except ElasticBatchError:
-            plan, what = None, "cannot make the batch"
+            what, batch = "cannot make the batch", None
         if rows and rows[-1][2] == what:
-            rows[-1] = (rows[-1][0], size, what)
+            rows[-1][1] = size
+            rows[-1][3].append(batch)
         else:
-            rows.append((size, size, what))
+            rows.append([size, size, what, [batch]])
     lines = []
-    for first, last, what in rows:
+    for first, last, what, batches in rows:
         sizes = f"{first}" if first == last else f"{first}..{last}"
-        if what == "cannot make the batch":
-            lines.append(f"{sizes} workers: cannot make the batch")
-            continue
-        batches = sorted({batch_plan(train, n, max_workers, min_workers).global_batch_size for n in range(last, first + 1)})
-        shown = f"{batches[0]}" if len(batches) == 1 else f"{batches[0]}..{batches[-1]}"
-        lines.append(f"{sizes} workers: {what} = global {shown}")
+        if batches[0] is None:
+            lines.append(f"{sizes} workers: {what}")
+        else:
+            low, high = min(batches), max(batches)
+            lines.append(f"{sizes} workers: {what} = global {low if low == high else f'{low}..{high}'}")
     return lines
 
 

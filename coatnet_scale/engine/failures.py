@@ -49,7 +49,6 @@ class FailureLog:
     def __init__(self, run_url: str, storage_options: dict, job: str):
         self.url = f"{run_url.rstrip('/')}/failures/{job}"
         self.fs, self.root = url_to_fs(self.url, storage_options)
-        self.local = "://" not in run_url or run_url.startswith("file://")
 
     def start(self, resumed_from: str | None, rank: int, nodes: list[str]) -> tuple[Attempt, str | None]:
         """Collective. This group's attempt, and the reason to stop instead of training (or None).
@@ -88,8 +87,6 @@ class FailureLog:
             return None
 
     def _write(self, name: str, record: dict) -> None:
-        if self.local:
-            self.fs.makedirs(self.root, exist_ok=True)
         write_atomic(self.fs, f"{self.root}/{name}", json.dumps(record).encode())
 
     def _repeated(self, resumed_from: str | None, shape: str) -> str | None:

@@ -16,8 +16,6 @@ import os
 import signal
 import time
 
-from fsspec.implementations.local import LocalFileSystem
-
 from coatnet_scale.storage import url_to_fs, write_atomic
 
 VARIABLE = "COATNET_SCALE_FAULT"
@@ -53,8 +51,6 @@ class Faults:
         record = f"{self.root}/{kind}-step{f['step']}-rank{f['rank']}.json"
         if self.fs.exists(record):  # fired in an earlier attempt of the run
             return False
-        if isinstance(self.fs, LocalFileSystem):  # an object store needs no folders
-            self.fs.makedirs(self.root, exist_ok=True)
         write_atomic(self.fs, record, json.dumps({**f, "time": time.time()}).encode())
         print(f"fault injection ({VARIABLE}): {kind} on rank {self.rank} at step {step}", flush=True)
         return True

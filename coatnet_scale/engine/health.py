@@ -38,8 +38,6 @@ from dataclasses import astuple
 
 import torch
 import torch.distributed as dist
-from fsspec.implementations.local import LocalFileSystem
-
 from coatnet_scale.engine import collectives
 from coatnet_scale.storage import url_to_fs, write_atomic
 
@@ -69,7 +67,8 @@ class Health:
         t, m = config.train, config.monitoring
         self.train, self.monitoring = t, m
         self.rank, self.world_size, self.nodes, self.device, self.monitor = rank, world_size, nodes, device, None
-        self.fs, self.root = url_to_fs(health_url(run_url), storage_options)
+        self.url = health_url(run_url)
+        self.fs, self.root = url_to_fs(self.url, storage_options)
         self.checkpoint_url = f"{run_url.rstrip('/')}/checkpoints"
         self.checkpoint, self.checkpoint_step = checkpoint, checkpoint_step  # the newest complete one
         self.rollbacks = len([r for r in records if r["checkpoint"] == checkpoint])  # to it, before this attempt
@@ -171,15 +170,13 @@ class Health:
                       "skip_steps": skip}
             self._write(f"rollback-{time.time_ns():020d}.json", record)
             print(f"rollback: step {step}: {reason}; resuming from {good}, skipping the batches of {skip} steps "
-                  f"(record in {health_url(self.checkpoint_url.rsplit('/', 1)[0])}/)", flush=True)
+                  f"(record in {self.url}/)", flush=True)
         if self.world_size > 1:
             dist.barrier()  # the record exists before any rank looks for it
         raise Rollback(reason)
 
     def _write(self, name: str, record: dict) -> None:
-        if isinstance(self.fs, LocalFileSystem):
-            self.fs.makedirs(self.root, exist_ok=True)
-        write_atomic(self.fs, f"{self.root}/{name}", json.dumps(record, indent=1).encode())
+        write_atomic(self.fs, f"{self.root}/{name}", json.dumps(record, indent=1).encode())  # makes the folder
 
     def skip(self, loader, group: dict, micro_batches_per_step: int, epoch: int,
              batch_in_epoch: int, phases: tuple) -> tuple[int, int, tuple]:
