@@ -44,6 +44,7 @@ import statistics
 import sys
 import tempfile
 import time
+import traceback
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -307,42 +308,58 @@ def part_largest(sizes: Sizes, work: Path, corpus: str, memory: int | None) -> d
 ABLATION = (
     ("checkpointing full", ("model.checkpointing.every=1", "model.checkpointing.stages=[1,2,3,4]")),
     ("checkpointing auto", ("model.checkpointing=auto",)),
-    ("auto + compiled blocks", ("model.checkpointing=auto", "model.compile=blocks")),
     ("auto + channels-last", ("model.checkpointing=auto", "model.channels_last=true")),
+    ("auto + compiled blocks", ("model.checkpointing=auto", "model.compile=blocks")),  # last: compiles for minutes
 )
 
 
-def part_ablation(sizes: Sizes, work: Path, corpus: str, peak_flops: float | None, memory: int | None) -> list[dict]:
+def part_ablation(sizes: Sizes, work: Path, corpus: str, peak_flops: float | None, memory: int | None,
+                  deadline: float = float("inf")) -> list[dict]:
     """Checkpointing full against auto, compiled blocks and channels-last against auto: images/s,
     MFU and peak memory of a few steps through the worker loop, the planner's prediction beside."""
-    from coatnet_scale.models import MODEL_SPECS
-
     rows = []
     for name, extra in ABLATION:
         row = {"row": name}
         if sizes.smoke and "model.compile=blocks" in extra:  # inductor on 2 CPU cores takes minutes
             rows.append({**row, "skipped": "--smoke (tests/test_memory_levers.py trains compiled blocks on the CPU)"})
             continue
-        config = proof_config(sizes, sizes.model, sizes.micro_batch, str(work / "runs"), corpus, f"ablation-{len(rows)}",
-                              [1, 2, 3, 4], sizes.ablation_steps, 10**9, extra=extra)
-        predicted = planner(config, memory or round(config.cluster.gpu_memory * 2**30))
-        policy = predicted.pop("checkpointing")
-        row["checkpointed_blocks"] = f"{len(policy.chosen(MODEL_SPECS[sizes.model]))} of " \
-                                     f"{sum(s.depth for s in MODEL_SPECS[sizes.model].stages)}"
-        row.update(predicted)
-        row["allocated_before"] = release_memory()
-        _, history = run_engine(config)
-        windows = history[1:] or history  # after the first window (warm-up, compilation)
-        row["images_per_second"] = statistics.median(h["images_per_second"] for h in windows)
-        forward, recomputed = flops(sizes.model, sizes.image_size, policy)
-        if peak_flops:
-            row["mfu"] = 3 * forward * row["images_per_second"] / peak_flops
-            row["hardware_flops_utilisation"] = (3 * forward + recomputed) * row["images_per_second"] / peak_flops
-        if memory:
-            row["peak_allocated_bytes"] = max(h.get("max_memory_allocated", 0) for h in history)
-            row["measured_over_predicted"] = row["peak_allocated_bytes"] / row["predicted_bytes"]
-        rows.append(row)
+        if time.monotonic() > deadline:
+            rows.append({**row, "skipped": "--budget-s spent"})
+            continue
+        try:
+            rows.append(ablation_row(sizes, work, corpus, peak_flops, memory, row, extra, len(rows)))
+        except Exception as e:  # a lever that fails on this device is a finding; the other rows still run
+            if sizes.smoke:
+                raise
+            rows.append({**row, "skipped": f"FAILED {type(e).__name__}: {e}"[:600]})
+            print(traceback.format_exc()[-4000:], flush=True)
+            release_memory()
     return rows
+
+
+def ablation_row(sizes: Sizes, work: Path, corpus: str, peak_flops: float | None, memory: int | None, row: dict,
+                 extra: tuple[str, ...], index: int) -> dict:
+    from coatnet_scale.models import MODEL_SPECS
+
+    config = proof_config(sizes, sizes.model, sizes.micro_batch, str(work / "runs"), corpus, f"ablation-{index}",
+                          [1, 2, 3, 4], sizes.ablation_steps, 10**9, extra=extra)
+    predicted = planner(config, memory or round(config.cluster.gpu_memory * 2**30))
+    policy = predicted.pop("checkpointing")
+    row["checkpointed_blocks"] = f"{len(policy.chosen(MODEL_SPECS[sizes.model]))} of " \
+                                 f"{sum(s.depth for s in MODEL_SPECS[sizes.model].stages)}"
+    row.update(predicted)
+    row["allocated_before"] = release_memory()
+    _, history = run_engine(config)
+    windows = history[1:] or history  # after the first window (warm-up, compilation)
+    row["images_per_second"] = statistics.median(h["images_per_second"] for h in windows)
+    forward, recomputed = flops(sizes.model, sizes.image_size, policy)
+    if peak_flops:
+        row["mfu"] = 3 * forward * row["images_per_second"] / peak_flops
+        row["hardware_flops_utilisation"] = (3 * forward + recomputed) * row["images_per_second"] / peak_flops
+    if memory:
+        row["peak_allocated_bytes"] = max(h.get("max_memory_allocated", 0) for h in history)
+        row["measured_over_predicted"] = row["peak_allocated_bytes"] / row["predicted_bytes"]
+    return row
 
 
 def ablation_table(rows: list[dict]) -> str:
@@ -360,11 +377,15 @@ def ablation_table(rows: list[dict]) -> str:
 
 
 def table(report: dict) -> str:
-    e, b, big = report["engine"], report["baselines"], report["largest"]
     GiB = 2**30
-    rows = [("device", report["device"]), ("peak assumed", report.get("peak", "n/a (CPU)")),
-            (f"engine {e['model']} mb {e['micro_batch']} images/s", f"{e['images_per_second']:.1f} "
-             f"(data wait {e['data_wait_fraction']:.0%})")]
+    rows = [("device", report["device"]), ("peak assumed", report.get("peak", "n/a (CPU)"))]
+    e, b, big = (report.get(part, {}) for part in ("engine", "baselines", "largest"))
+    for part, figures in (("engine", e), ("baselines", b), ("largest", big)):
+        if "failed" in figures or "skipped" in figures:
+            rows.append((part, f"FAILED: {figures['failed']}" if "failed" in figures else f"skipped: {figures['skipped']}"))
+    if "images_per_second" in e:
+        rows.append((f"engine {e['model']} mb {e['micro_batch']} images/s", f"{e['images_per_second']:.1f} "
+                                                                         f"(data wait {e['data_wait_fraction']:.0%})"))
     if "mfu" in e:
         rows += [("MFU (3x forward)", f"{e['mfu']:.1%}"),
                  ("hardware FLOP utilisation (with recompute)", f"{e['hardware_flops_utilisation']:.1%}")]
@@ -372,25 +393,29 @@ def table(report: dict) -> str:
         rows.append(("peak allocated vs planner", f"{e['peak_allocated_bytes'] / GiB:.2f} / {e['predicted_bytes'] / GiB:.2f} "
                                                   f"GiB = {e['measured_over_predicted']:.3f} (held before: "
                                                   f"{e['allocated_before'] / GiB:.2f} GiB)"))
-    rows.append(("plain PyTorch images/s", f"{b['plain_images_per_second']:.1f} (engine / plain "
-                                           f"{e['images_per_second'] / b['plain_images_per_second']:.3f})"))
+    engine_speed = e.get("images_per_second", float("nan"))
+    if "plain_images_per_second" in b:
+        rows.append(("plain PyTorch images/s", f"{b['plain_images_per_second']:.1f} (engine / plain "
+                                               f"{engine_speed / b['plain_images_per_second']:.3f})"))
     if "timm_images_per_second" in b:
         rows.append((f"timm {b['timm_model']} images/s", f"{b['timm_images_per_second']:.1f} (engine / timm "
-                                                         f"{e['images_per_second'] / b['timm_images_per_second']:.3f})"))
-    rows += [("checkpoint save", f"{e['checkpoint_save_seconds']:.1f} s"),
-             ("resume: next loss bit-identical", f"{e['resume_bit_identical']} ({e['loss_at_last_step']!r} vs "
-                                                 f"{e['resumed_loss_at_last_step']!r})"),
-             ("export", f"{e['export_bytes'] / GiB:.2f} GiB in {e['export_seconds']:.1f} s")]
-    largest = f"{big['model']} mb {big['micro_batch']} (planner's largest)"
-    if "out_of_memory" in big:
-        rows.append((largest, f"OUT OF MEMORY: {big['out_of_memory']}"))
-    elif "peak_allocated_bytes" in big:
-        rows.append((largest, f"{big['images_per_second']:.1f} images/s; peak {big['peak_allocated_bytes'] / GiB:.2f} / "
-                              f"planner {big['predicted_bytes'] / GiB:.2f} GiB = {big['measured_over_predicted']:.3f} "
-                              f"(held before: {big['allocated_before'] / GiB:.2f} GiB)"))
-    else:
-        rows.append((largest, f"{big['images_per_second']:.1f} images/s"))
-    rows += [(f"  profile: {p['operator'][:48]}", f"{p['share']:.1%}") for p in b["profile"][:6]]
+                                                         f"{engine_speed / b['timm_images_per_second']:.3f})"))
+    if "resume_bit_identical" in e:
+        rows += [("checkpoint save", f"{e['checkpoint_save_seconds']:.1f} s"),
+                 ("resume: next loss bit-identical", f"{e['resume_bit_identical']} ({e['loss_at_last_step']!r} vs "
+                                                     f"{e['resumed_loss_at_last_step']!r})"),
+                 ("export", f"{e['export_bytes'] / GiB:.2f} GiB in {e['export_seconds']:.1f} s")]
+    if "micro_batch" in big:
+        largest = f"{big['model']} mb {big['micro_batch']} (planner's largest)"
+        if "out_of_memory" in big:
+            rows.append((largest, f"OUT OF MEMORY: {big['out_of_memory']}"))
+        elif "peak_allocated_bytes" in big:
+            rows.append((largest, f"{big['images_per_second']:.1f} images/s; peak {big['peak_allocated_bytes'] / GiB:.2f} / "
+                                  f"planner {big['predicted_bytes'] / GiB:.2f} GiB = {big['measured_over_predicted']:.3f} "
+                                  f"(held before: {big['allocated_before'] / GiB:.2f} GiB)"))
+        elif "images_per_second" in big:
+            rows.append((largest, f"{big['images_per_second']:.1f} images/s"))
+    rows += [(f"  profile: {p['operator'][:48]}", f"{p['share']:.1%}") for p in b.get("profile", [])[:6]]
     width = max(len(k) for k, _ in rows)
     return "\n".join(f"| {k:<{width}} | {v} |" for k, v in rows)
 
@@ -401,6 +426,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--smoke", action="store_true", help="tiny sizes on the CPU (the test suite runs this)")
     parser.add_argument("--peak-tflops", type=float, help="the device's bf16 dense peak, if its name is not known")
     parser.add_argument("--work", help="folder for the corpus, checkpoints and export (default: a temporary one)")
+    parser.add_argument("--budget-s", type=float, default=None,
+                        help="start no part after this many seconds, so a leased GPU's time limit still sees a table")
     args = parser.parse_args(argv)
     sizes = Sizes(args.smoke)
     if args.smoke:  # the path GPU hosts take: it must not need Ray or s3fs
@@ -438,16 +465,28 @@ def main(argv: list[str] | None = None) -> int:
         for part, run in (("engine", lambda: part_engine(sizes, device, work, corpus, peak_flops, memory)),
                           ("baselines", lambda: part_baselines(sizes, device)),
                           ("largest", lambda: part_largest(sizes, work, corpus, memory)),
-                          ("ablation", lambda: part_ablation(sizes, work, corpus, peak_flops, memory))):
+                          ("ablation", lambda: part_ablation(sizes, work, corpus, peak_flops, memory,
+                                                             started + (args.budget_s or float("inf"))))):
             start = time.monotonic()
-            report[part] = run()
+            if args.budget_s and start - started > args.budget_s:
+                report[part] = {"skipped": f"--budget-s {args.budget_s:g} spent"}
+                print(f"gpu_proof: {part} skipped: budget spent", flush=True)
+                continue
+            try:
+                report[part] = run()
+            except Exception as e:  # one part's failure is a finding; the parts after it still run
+                if args.smoke:
+                    raise
+                report[part] = {"failed": f"{type(e).__name__}: {e}"[:2000], "traceback": traceback.format_exc()[-6000:]}
+                print(f"gpu_proof: {part} FAILED:\n{report[part]['traceback']}", flush=True)
+                release_memory()
             print(f"gpu_proof: {part} done in {time.monotonic() - start:.0f}s", flush=True)
             Path(args.out).write_text(json.dumps(report, indent=1))  # what is done survives a later failure
     torch.distributed.destroy_process_group()
     report["seconds"] = time.monotonic() - started
     Path(args.out).write_text(json.dumps(report, indent=1))
     print(table(report))
-    print(ablation_table(report["ablation"]))
+    print(ablation_table(report["ablation"]) if isinstance(report["ablation"], list) else f"ablation: {report['ablation']}")
     print(f"gpu_proof: {report['seconds']:.0f}s in all; figures in {args.out}")
     return 0
 
