@@ -4,13 +4,14 @@
     python benchmarks/gpu_proof.py --smoke --out smoke.json     # the same code, tiny, on the CPU
 
 On a GPU host that has PyTorch but not DeepSpeed (no Ray needed): build the wheels here with
-`bash ../shared/device/wheels.sh`, add the two DeepSpeed imports that script leaves out
-(`.venv/bin/pip download --no-deps --only-binary=:all: --python-version 3.12 --platform
-manylinux2014_x86_64 -d .whl einops msgpack`), carry `.whl`, and there run
+`bash ../shared/device/wheels.sh` (DeepSpeed, pydantic, webdataset and what they import, ~5 MB
+in .whl/), carry `.whl`, and there run
     python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl
-    PYTHONPATH=/tmp/site:$PWD python3 benchmarks/gpu_proof.py --out $OUT/proof.json
+    PYTHONPATH=/tmp/site:$PWD DS_BUILD_OPS=0 python3 benchmarks/gpu_proof.py --budget-s 380 --out $OUT/proof.json
+(about 5 minutes on an H200; --budget-s starts no part after that many seconds).
 
-What it measures, in one process, each against a figure from the same run:
+What it measures, each part in a process of its own (as a worker is: nothing an earlier part
+left on the device counts against the next), each against a figure from the same run:
 1. engine: CoAtNet-5 at 224 px, bf16, ZeRO-3 on a world of one over NCCL, activation
    checkpointing on stages 2-4 (as configs/coatnet5.yaml), through the worker loop Ray Train
    runs (`engine.worker.train`, launched by coatnet_scale/standalone.py) on a corpus built
@@ -38,9 +39,11 @@ from __future__ import annotations
 
 import argparse
 import gc
+import importlib.util
 import json
 import os
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -313,28 +316,14 @@ ABLATION = (
 )
 
 
-def part_ablation(sizes: Sizes, work: Path, corpus: str, peak_flops: float | None, memory: int | None,
-                  deadline: float = float("inf")) -> list[dict]:
-    """Checkpointing full against auto, compiled blocks and channels-last against auto: images/s,
-    MFU and peak memory of a few steps through the worker loop, the planner's prediction beside."""
-    rows = []
-    for name, extra in ABLATION:
-        row = {"row": name}
-        if sizes.smoke and "model.compile=blocks" in extra:  # inductor on 2 CPU cores takes minutes
-            rows.append({**row, "skipped": "--smoke (tests/test_memory_levers.py trains compiled blocks on the CPU)"})
-            continue
-        if time.monotonic() > deadline:
-            rows.append({**row, "skipped": "--budget-s spent"})
-            continue
-        try:
-            rows.append(ablation_row(sizes, work, corpus, peak_flops, memory, row, extra, len(rows)))
-        except Exception as e:  # a lever that fails on this device is a finding; the other rows still run
-            if sizes.smoke:
-                raise
-            rows.append({**row, "skipped": f"FAILED {type(e).__name__}: {e}"[:600]})
-            print(traceback.format_exc()[-4000:], flush=True)
-            release_memory()
-    return rows
+def part_ablation(sizes: Sizes, index: int, work: Path, corpus: str, peak_flops: float | None,
+                  memory: int | None) -> dict:
+    """Row `index` of ABLATION: images/s, MFU and peak memory of a few steps through the worker
+    loop, the planner's prediction beside."""
+    name, extra = ABLATION[index]
+    if sizes.smoke and "model.compile=blocks" in extra:  # inductor on 2 CPU cores takes minutes
+        return {"row": name, "skipped": "--smoke (tests/test_memory_levers.py trains compiled blocks on the CPU)"}
+    return ablation_row(sizes, work, corpus, peak_flops, memory, {"row": name}, extra, index)
 
 
 def ablation_row(sizes: Sizes, work: Path, corpus: str, peak_flops: float | None, memory: int | None, row: dict,
@@ -366,8 +355,8 @@ def ablation_table(rows: list[dict]) -> str:
     GiB = 2**30
     lines = [f"| {'ablation row':<24} | blocks ckpt | images/s | MFU    | peak / planner GiB |"]
     for r in rows:
-        if "skipped" in r:
-            lines.append(f"| {r['row']:<24} | skipped: {r['skipped']} |")
+        if "skipped" in r or "failed" in r:
+            lines.append(f"| {r['row']:<24} | " + (f"skipped: {r['skipped']}" if "skipped" in r else f"FAILED: {r['failed'][:300]}") + " |")
             continue
         mfu = f"{r['mfu']:.1%}" if "mfu" in r else "n/a"
         memory = (f"{r['peak_allocated_bytes'] / GiB:.2f} / {r['predicted_bytes'] / GiB:.2f}" if "peak_allocated_bytes" in r
@@ -378,7 +367,7 @@ def ablation_table(rows: list[dict]) -> str:
 
 def table(report: dict) -> str:
     GiB = 2**30
-    rows = [("device", report["device"]), ("peak assumed", report.get("peak", "n/a (CPU)"))]
+    rows = [("device", report.get("device", "n/a (no part ran)")), ("peak assumed", report.get("peak", "n/a (CPU)"))]
     e, b, big = (report.get(part, {}) for part in ("engine", "baselines", "largest"))
     for part, figures in (("engine", e), ("baselines", b), ("largest", big)):
         if "failed" in figures or "skipped" in figures:
@@ -420,6 +409,82 @@ def table(report: dict) -> str:
     return "\n".join(f"| {k:<{width}} | {v} |" for k, v in rows)
 
 
+PARTS = ("engine", "baselines", "largest", *(f"ablation:{i}" for i in range(len(ABLATION))))
+
+
+def run_part(args, sizes: Sizes) -> dict:
+    """One part, in this (child) process: its own process group and its own device memory, as a
+    worker has; what an earlier part left cannot inflate this one's peak or run it out of memory."""
+    if not args.smoke:
+        from coatnet_scale.engine.watchdog import gpu_worker_env
+
+        for key, value in gpu_worker_env(str(args.work)).items():  # the allocator, before CUDA starts
+            os.environ.setdefault(key, value)
+    import torch
+
+    from coatnet_scale.standalone import init_process_group
+
+    init_process_group(use_gpu=not args.smoke)
+    device = torch.device("cuda", torch.cuda.current_device()) if not args.smoke else torch.device("cpu")
+    found: dict = {"torch": torch.__version__, "device": "CPU (smoke)"}
+    memory, peak_flops = None, None
+    if not args.smoke:
+        properties = torch.cuda.get_device_properties(device)
+        found["device"] = f"{properties.name}, {properties.total_memory / 2**30:.0f} GiB"
+        peak, found["peak"] = device_peak(properties.name, args.peak_tflops)
+        memory, peak_flops = properties.total_memory, peak * 1e12
+    work, corpus = Path(args.work), str(Path(args.work) / "corpus")
+    part = args.part
+    if part == "engine":
+        figures = part_engine(sizes, device, work, corpus, peak_flops, memory)
+    elif part == "baselines":
+        figures = part_baselines(sizes, device)
+    elif part == "largest":
+        figures = part_largest(sizes, work, corpus, memory)
+    else:
+        figures = part_ablation(sizes, int(part.split(":")[1]), work, corpus, peak_flops, memory)
+    torch.distributed.destroy_process_group()
+    return {"found": found, "figures": figures}
+
+
+def run_parts(args, sizes: Sizes, work: Path, report: dict) -> None:
+    """Each part in a child process, in order; a failed part is a finding, and the parts after
+    it still run. With --budget-s no part starts after the budget, and none outlives it by much."""
+    started = time.monotonic()
+    report["ablation"] = []
+    for part in PARTS:
+        elapsed = time.monotonic() - started
+        if part in args.skip.split(","):
+            figures = {"skipped": "--skip"}
+        elif args.budget_s and elapsed > args.budget_s:
+            figures = {"skipped": f"--budget-s {args.budget_s:g} spent"}
+        else:
+            out = work / f"{part.replace(':', '-')}.json"
+            command = [sys.executable, __file__, "--part", part, "--work", str(work), "--out", str(out)]
+            command += ["--smoke"] if args.smoke else []
+            command += ["--peak-tflops", str(args.peak_tflops)] if args.peak_tflops else []
+            start = time.monotonic()
+            try:
+                code = subprocess.run(command, timeout=args.budget_s + 60 - elapsed if args.budget_s else None).returncode
+            except subprocess.TimeoutExpired:
+                code = "killed: --budget-s spent"
+            if out.exists():
+                result = json.loads(out.read_text())
+                figures = result.get("figures", result)
+                report.update(result.get("found", {}))
+            else:
+                figures = {"failed": f"the part's process ended with {code} and wrote nothing"}
+            if args.smoke and "failed" in figures:
+                raise SystemExit(f"gpu_proof: {part} failed: {figures['failed']}")
+            print(f"gpu_proof: {part} {'FAILED' if 'failed' in figures else 'done'} in "
+                  f"{time.monotonic() - start:.0f}s", flush=True)
+        if part.startswith("ablation:"):
+            report["ablation"].append({"row": ABLATION[int(part.split(":")[1])][0], **figures})
+        else:
+            report[part] = figures
+        Path(args.out).write_text(json.dumps(report, indent=1))  # what is done survives a later failure
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", required=True, help="JSON file for the figures")
@@ -428,65 +493,42 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--work", help="folder for the corpus, checkpoints and export (default: a temporary one)")
     parser.add_argument("--budget-s", type=float, default=None,
                         help="start no part after this many seconds, so a leased GPU's time limit still sees a table")
+    parser.add_argument("--skip", default="", help=f"comma-separated parts to leave out, of: {', '.join(PARTS)}")
+    parser.add_argument("--part", choices=PARTS, help=argparse.SUPPRESS)  # a child process: one part
     args = parser.parse_args(argv)
     sizes = Sizes(args.smoke)
     if args.smoke:  # the path GPU hosts take: it must not need Ray or s3fs
         for name in ("ray", "s3fs", "prometheus_client"):
             sys.modules[name] = None
     os.environ["DS_ACCELERATOR"] = "cpu" if args.smoke else "cuda"
+    if args.part:
+        try:
+            result = run_part(args, sizes)
+        except Exception as e:
+            result = {"figures": {"failed": f"{type(e).__name__}: {e}"[:2000], "traceback": traceback.format_exc()[-6000:]}}
+            print(f"gpu_proof: {args.part} FAILED:\n{result['figures']['traceback']}", flush=True)
+        Path(args.out).write_text(json.dumps(result, indent=1))
+        return 1 if "failed" in result["figures"] else 0
+
     import torch
 
-    try:  # first: a missing dependency of DeepSpeed is the likeliest failure on a bare GPU host
-        import deepspeed  # noqa: F401
-    except ImportError as e:
-        raise SystemExit(f"gpu_proof: cannot import deepspeed ({e}); install the wheels named in this script's docstring")
-
-    from dataprep.demo import build_demo_corpus
-    from coatnet_scale.standalone import init_process_group
-
+    # First: a missing dependency of DeepSpeed is the likeliest failure on a bare GPU host.
+    if importlib.util.find_spec("deepspeed") is None:
+        raise SystemExit("gpu_proof: cannot import deepspeed; install the wheels named in this script's docstring")
     if not args.smoke and not torch.cuda.is_available():
         raise SystemExit("gpu_proof: no GPU; use --smoke on a CPU machine")
+    from dataprep.demo import build_demo_corpus
+
     started = time.monotonic()
+    report: dict = {"smoke": args.smoke}
     with tempfile.TemporaryDirectory(prefix="gpu_proof_", dir=args.work) as folder:
         work = Path(folder)
-        init_process_group(use_gpu=not args.smoke)
-        device = torch.device("cuda", torch.cuda.current_device()) if not args.smoke else torch.device("cpu")
-        report: dict = {"smoke": args.smoke, "torch": torch.__version__}
-        memory, peak_flops = None, None
-        if args.smoke:
-            report["device"] = "CPU (smoke)"
-        else:
-            properties = torch.cuda.get_device_properties(device)
-            report["device"] = f"{properties.name}, {properties.total_memory / 2**30:.0f} GiB"
-            peak, report["peak"] = device_peak(properties.name, args.peak_tflops)
-            memory, peak_flops = properties.total_memory, peak * 1e12
-        corpus = str(work / "corpus")
-        build_demo_corpus(corpus, workers=sizes.loader_workers)
-        for part, run in (("engine", lambda: part_engine(sizes, device, work, corpus, peak_flops, memory)),
-                          ("baselines", lambda: part_baselines(sizes, device)),
-                          ("largest", lambda: part_largest(sizes, work, corpus, memory)),
-                          ("ablation", lambda: part_ablation(sizes, work, corpus, peak_flops, memory,
-                                                             started + (args.budget_s or float("inf"))))):
-            start = time.monotonic()
-            if args.budget_s and start - started > args.budget_s:
-                report[part] = {"skipped": f"--budget-s {args.budget_s:g} spent"}
-                print(f"gpu_proof: {part} skipped: budget spent", flush=True)
-                continue
-            try:
-                report[part] = run()
-            except Exception as e:  # one part's failure is a finding; the parts after it still run
-                if args.smoke:
-                    raise
-                report[part] = {"failed": f"{type(e).__name__}: {e}"[:2000], "traceback": traceback.format_exc()[-6000:]}
-                print(f"gpu_proof: {part} FAILED:\n{report[part]['traceback']}", flush=True)
-                release_memory()
-            print(f"gpu_proof: {part} done in {time.monotonic() - start:.0f}s", flush=True)
-            Path(args.out).write_text(json.dumps(report, indent=1))  # what is done survives a later failure
-    torch.distributed.destroy_process_group()
+        build_demo_corpus(str(work / "corpus"), workers=sizes.loader_workers)
+        run_parts(args, sizes, work, report)
     report["seconds"] = time.monotonic() - started
     Path(args.out).write_text(json.dumps(report, indent=1))
     print(table(report))
-    print(ablation_table(report["ablation"]) if isinstance(report["ablation"], list) else f"ablation: {report['ablation']}")
+    print(ablation_table(report["ablation"]))
     print(f"gpu_proof: {report['seconds']:.0f}s in all; figures in {args.out}")
     return 0
 

@@ -266,12 +266,12 @@ def worker_env(config: Config) -> dict:
     """What the workers' environment needs for run health: on GPUs the NCCL flight recorder,
     dumping beside the stacks; a test's injected fault (engine/faults.py), when set here."""
     from coatnet_scale.engine.faults import VARIABLE
-    from coatnet_scale.engine.watchdog import flight_recorder_env
+    from coatnet_scale.engine.watchdog import gpu_worker_env
     from coatnet_scale.engine.worker import run_url
 
     env = {VARIABLE: os.environ[VARIABLE]} if os.environ.get(VARIABLE) else {}
     if config.cluster.use_gpu:
-        env.update({k: os.environ.get(k, v) for k, v in flight_recorder_env(run_url(config)).items()})
+        env.update({k: os.environ.get(k, v) for k, v in gpu_worker_env(run_url(config)).items()})
     return env
 
 

@@ -60,11 +60,11 @@ def run(config: Config, preflight) -> dict:
     stop every rank. Returns rank 0's final figures (every rank returns its own)."""
     use_gpu = config.cluster.use_gpu
     os.environ.setdefault("DS_ACCELERATOR", "cuda" if use_gpu else "cpu")  # read once, when DeepSpeed is imported
-    if use_gpu:  # NCCL's flight recorder, set before the group exists
-        from coatnet_scale.engine.watchdog import flight_recorder_env
+    if use_gpu:  # NCCL's flight recorder and the allocator, set before the group exists
+        from coatnet_scale.engine.watchdog import gpu_worker_env
         from coatnet_scale.engine.worker import run_url
 
-        for key, value in flight_recorder_env(run_url(config)).items():
+        for key, value in gpu_worker_env(run_url(config)).items():
             os.environ.setdefault(key, value)
     placement = init_process_group(use_gpu, config.train.hang_timeout_s)
     try:

@@ -17,7 +17,7 @@ of ranks that never timed out are empty and removed when the rank ends normally.
 
 The collective timeout is set from the same key (`collective_timeout_s`), longer than the step
 deadline so the stacks come first; on GPUs the NCCL flight recorder dumps beside them
-(`flight_recorder_env`).
+(`gpu_worker_env`).
 """
 from __future__ import annotations
 
@@ -48,14 +48,18 @@ def diagnostics_url(run_url: str, job: str | None) -> str:
     return f"{run_url.rstrip('/')}/diagnostics/{job or 'standalone'}"
 
 
-def flight_recorder_env(run_url: str) -> dict:
-    """NCCL flight-recorder settings (GPUs): dumped on a collective timeout, into diagnostics/
-    (a node-local folder, uploaded by the next attempt, for object storage). The recorder needs
-    TORCH_NCCL_ASYNC_ERROR_HANDLING=3, not Ray's default 1."""
+def gpu_worker_env(run_url: str) -> dict:
+    """A GPU worker's environment, set before CUDA starts (a value the user set wins).
+    NCCL's flight recorder: dumped on a collective timeout, into diagnostics/ (a node-local
+    folder, uploaded by the next attempt, for object storage); it needs
+    TORCH_NCCL_ASYNC_ERROR_HANDLING=3, not Ray's default 1. Expandable allocator segments: on
+    an H200, CoAtNet-7 at the planner's largest micro-batch ran out of memory with 34 GiB of
+    the device reserved by PyTorch's allocator but unallocated (fragments)."""
     fs, path = url_to_fs(f"{run_url.rstrip('/')}/diagnostics")
     folder = path if isinstance(fs, LocalFileSystem) else local_folder(run_url)
     return {"TORCH_NCCL_ASYNC_ERROR_HANDLING": "3", "TORCH_FR_BUFFER_SIZE": "2000", "TORCH_NCCL_DUMP_ON_TIMEOUT": "1",
-            "TORCH_FR_DUMP_TEMP_FILE": os.path.join(folder, "nccl_trace_rank_")}
+            "TORCH_FR_DUMP_TEMP_FILE": os.path.join(folder, "nccl_trace_rank_"),
+            "PYTORCH_CUDA_ALLOC_CONF": "expandable_segments:True"}
 
 
 class Watchdog:
