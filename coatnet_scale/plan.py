@@ -263,8 +263,10 @@ def plan(config, gpus: int, gpu_memory: int, peak_tflops: float, mfu: float) -> 
         largest_micro = profile.largest_batch(checkpointed, usable - state_total - hpz_copy)
     forward = count_flops(m.name, m.image_size, m.num_classes)
     step_flops = 3 * forward * t.global_batch_size  # model FLOPs: forward + backward (2x), as MFU counts them
-    # + the recomputed forward; counted whole when any block recomputes (an upper bound under auto)
-    hardware_flops = (4 if policy.enabled else 3) * forward * t.global_batch_size
+    # + the forward of each checkpointed block, once more (the stem and head never recompute)
+    costs = block_costs(m.name, m.image_size, m.num_classes)
+    recomputed = sum(costs[b].flops for b in policy.chosen(MODEL_SPECS[m.name]))
+    hardware_flops = (3 * forward + recomputed) * t.global_batch_size
     return {
         "params": params, "states": states, "state_total": state_total, "per_image": per_image,
         "micro_batch": t.micro_batch_size, "activations": activations, "hpz_copy": hpz_copy, "optimizer_step": optimizer_step,

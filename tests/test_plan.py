@@ -233,7 +233,7 @@ def test_plan_recommends_a_compute_bound_step(capsys):
     the planner's `recommended:` overrides, applied, are what the same planner calls
     compute-bound, and faster. MFU and hardware FLOP utilisation are printed side by side: the
     shipped `auto` checkpoints no block at micro-batch 16 on 80 GiB, so they are equal; with every
-    block recomputed, the hardware does 4/3 of the model FLOPs."""
+    block recomputed, the hardware does the blocks' forward once more (all but the stem and head)."""
     from coatnet_scale.plan import main
 
     args = ["--config", "coatnet6", "--gpus", "64", "--gpu-memory", "80GiB"]
