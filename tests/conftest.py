@@ -17,6 +17,11 @@ import pytest
 
 REPO = Path(__file__).resolve().parent.parent
 DEMO = REPO / "data" / "demo"
+# DeepSpeed builds its CPU shared-memory op (deepspeed_shm_comm) on first use, ~1-2 min of the
+# compiler, into ~/.cache/torch_extensions by default: shared by every venv on the machine,
+# whose include paths differ, so each venv's run rebuilds over the other's. One build folder per
+# venv (inherited by the subprocesses, torchrun ranks and Ray workers the tests start).
+os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(Path(sys.prefix) / "torch_extensions"))
 
 
 @pytest.fixture
