@@ -211,7 +211,14 @@ def two_node_cluster(s3_endpoint):
     s3:// storage (the `s3_bucket` fixture) or storage.shared: true. One cluster per test
     module; `add_node` starts another node (after a test removes one, say)."""
     with ray_client_environment(multi_node=True):
-        cluster = RayCluster(dict(os.environ), num_cpus=2, node_ip="127.0.0.2")
+        # A test that takes a node away waits less for Ray to notice: the GCS health-checks each
+        # raylet every second, not every 3 s (dead after 5 failed checks: ~5 s, not ~15 s), and
+        # Ray Train gives up on a worker group whose placement group is not ready after 10 s, not
+        # 60 s. A group restarted before the node is declared dead asks for the dead node's CPUs
+        # and waited out the whole 60 s; after 10 s it is retried (controller errors are retried
+        # without limit) and finds the node gone. Placement on a live cluster takes milliseconds.
+        env = {**os.environ, "RAY_health_check_period_ms": "1000", "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": "10"}
+        cluster = RayCluster(env, num_cpus=2, node_ip="127.0.0.2")
         try:
             cluster.add_node(num_cpus=2, node_ip="127.0.0.3")
             yield cluster
