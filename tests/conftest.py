@@ -17,6 +17,11 @@ import pytest
 
 REPO = Path(__file__).resolve().parent.parent
 DEMO = REPO / "data" / "demo"
+# DeepSpeed builds its CPU shared-memory op (deepspeed_shm_comm) on first use, ~1-2 min of the
+# compiler, into ~/.cache/torch_extensions by default: shared by every venv on the machine,
+# whose include paths differ, so each venv's run rebuilds over the other's. One build folder per
+# venv (inherited by the subprocesses, torchrun ranks and Ray workers the tests start).
+os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(Path(sys.prefix) / "torch_extensions"))
 
 
 @pytest.fixture
@@ -141,8 +146,12 @@ class RayCluster:
         return [n for n in list_nodes(address=self.dashboard) if n["state"] == "ALIVE"]
 
     def stop(self):
+        # SIGINT, not SIGTERM: on SIGTERM `ray start --block` first drains its node (a
+        # preemption notice, up to RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S, 30 s) while any actor
+        # lives, as Ray Train's leave, so each stop waited out the 10 s below; on SIGINT it
+        # stops its processes at once (~2 s).
         for process in [*self.nodes, self.process]:
-            process.send_signal(signal.SIGTERM)
+            process.send_signal(signal.SIGINT)
         for process in [*self.nodes, self.process]:
             try:
                 process.wait(timeout=10)  # what outlives it is killed by its session folder below
@@ -206,7 +215,14 @@ def two_node_cluster(s3_endpoint):
     s3:// storage (the `s3_bucket` fixture) or storage.shared: true. One cluster per test
     module; `add_node` starts another node (after a test removes one, say)."""
     with ray_client_environment(multi_node=True):
-        cluster = RayCluster(dict(os.environ), num_cpus=2, node_ip="127.0.0.2")
+        # A test that takes a node away waits less for Ray to notice: the GCS health-checks each
+        # raylet every second, not every 3 s (dead after 5 failed checks: ~5 s, not ~15 s), and
+        # Ray Train gives up on a worker group whose placement group is not ready after 10 s, not
+        # 60 s. A group restarted before the node is declared dead asks for the dead node's CPUs
+        # and waited out the whole 60 s; after 10 s it is retried (controller errors are retried
+        # without limit) and finds the node gone. Placement on a live cluster takes milliseconds.
+        env = {**os.environ, "RAY_health_check_period_ms": "1000", "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": "10"}
+        cluster = RayCluster(env, num_cpus=2, node_ip="127.0.0.2")
         try:
             cluster.add_node(num_cpus=2, node_ip="127.0.0.3")
             yield cluster

@@ -109,14 +109,14 @@ def pretrained(cluster, demo_corpus, tmp_path_factory):
     """configs/tiny.yaml in bf16, as GPUs run it, submitted with `ray job submit`; one training
     worker is SIGKILLed once the step-50 checkpoint is complete; rank 0's loss is NaN at step 75
     (COATNET_SCALE_FAULT), rolled back to step 50; rank 1 freezes itself (SIGSTOP) at step 110,
-    which rank 0's watchdog (train.hang_timeout_s 30) ends; rank 1 computes 1 s longer per step
-    from step 130. Returns (storage folder, job logs)."""
+    which rank 0's watchdog (train.hang_timeout_s 15) ends; rank 1 computes 1 s longer per step
+    from step 141 (one straggler window, steps 141-150). Returns (storage folder, job logs)."""
     storage = tmp_path_factory.mktemp("storage")
     overrides = [f"storage.url={storage}", *data_overrides(demo_corpus), "run_name=job", "deepspeed.bf16=true",
                  f"train.hang_timeout_s={HANG_TIMEOUT_S}", "monitoring.straggler_every_steps=10",
                  "monitoring.straggler_ratio=1.25"]
     # The driver hands it to the workers.
-    fault = "COATNET_SCALE_FAULT=nan@step=75;hang@step=110,rank=1;slow@step=130,rank=1,seconds=1"
+    fault = "COATNET_SCALE_FAULT=nan@step=75;hang@step=110,rank=1;slow@step=141,rank=1,seconds=1"
     command = [sys.executable, "-m", "coatnet_scale.pretrain", "--config", str(TINY), *(f"--set={o}" for o in overrides)]
     for attempt in range(30):  # the head's job agent comes up a few seconds after the dashboard
         submit = subprocess.run([RAY, "job", "submit", "--address", cluster.dashboard, "--submission-id", "tiny-job",
@@ -146,7 +146,7 @@ def pretrained(cluster, demo_corpus, tmp_path_factory):
     return storage, logs
 
 
-HANG_TIMEOUT_S = 30
+HANG_TIMEOUT_S = 15  # waited out once (the frozen rank); a tiny step takes well under 1 s
 
 
 @pytest.mark.slow
