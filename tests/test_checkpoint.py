@@ -250,3 +250,48 @@ def test_background_upload_marks_only_after_every_rank_and_keeps_one_in_flight(t
     marker = json.loads((tmp_path / "checkpoints" / tag_for(6) / MARKER).read_text())
     assert marker["files"] == sorted([f"zero_pp_rank_{r}_mp_rank_00_optim_states.pt" for r in (0, 1)] + [
         f"trainer_state_rank{r}.pt" for r in (0, 1)])
+
+
+@pytest.mark.slow
+def test_a_worker_killed_while_uploading_leaves_no_marker(demo_corpus, s3_endpoint, s3_bucket):
+    """One worker saving to S3 in the background; its upload of step 4 pauses after the first
+    file (the slowupload fault) while the loop trains on. SIGKILL then: step 4 has a file but no
+    marker, and the same command resumes from step 2 and finishes."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    import s3fs
+
+    repo = Path(__file__).resolve().parent.parent
+    runs = f"s3://{s3_bucket}/runs"
+    overrides = [f"storage.url={runs}", "run_name=killed", f"data.train_manifest={demo_corpus}/train/manifest.json",
+                 "data.val_manifest=null", "data.num_workers=0", "cluster.num_workers=1", "train.global_batch_size=32",
+                 "train.total_steps=6", "train.warmup_steps=1", "train.log_every=1", "checkpoint.every_steps=2",
+                 "monitoring.enabled=false"]
+    command = [sys.executable, "-m", "coatnet_scale.pretrain", "--config", str(repo / "configs" / "tiny.yaml"),
+               "--without-ray", *(f"--set={o}" for o in overrides)]
+    env = {**os.environ, "COATNET_SCALE_FAULT": "slowupload@step=4,seconds=300"}
+    worker = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=repo)
+    seen = []
+    try:
+        for line in worker.stdout:  # the pause began, and the loop went on to step 5 meanwhile
+            seen.append(line)
+            if line.startswith("step 5/6") and any("slowupload on rank 0 at step 4" in s for s in seen):
+                break
+    finally:
+        worker.send_signal(signal.SIGKILL)
+        worker.communicate(timeout=60)
+    output = "".join(seen)
+    assert "slowupload on rank 0 at step 4" in output and "step 5/6" in output, output[-3000:]
+    fs = s3fs.S3FileSystem(endpoint_url=s3_endpoint, skip_instance_cache=True)
+    folder = f"{s3_bucket}/runs/killed/checkpoints"
+    assert fs.exists(f"{folder}/{tag_for(2)}/{MARKER}")
+    uploaded = [p.rsplit("/", 1)[1] for p in fs.ls(f"{folder}/{tag_for(4)}")]
+    assert uploaded and MARKER not in uploaded  # killed mid-upload: some files, no marker
+
+    result = subprocess.run(command, capture_output=True, text=True, env=env, cwd=repo, timeout=600)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert f"resumed from {runs}/killed/checkpoints/{tag_for(2)}: step 2" in result.stdout
+    assert fs.exists(f"{folder}/{tag_for(6)}/{MARKER}")

@@ -180,6 +180,7 @@ class Checkpoints:
         self._commit(current, barrier=True)
         current.blocked = time.monotonic() - start
         self.blocked_seconds += current.blocked
+        self._completed(current)
         return current
 
     def _upload(self, current: Save, save_dir: str, written: str) -> None:
@@ -223,12 +224,14 @@ class Checkpoints:
         self._commit(current, barrier=False)
         current.blocked += time.monotonic() - start
         self.blocked_seconds += time.monotonic() - start
+        self._completed(current)
         return current
 
     def wait(self) -> Save | None:
         """Collective: wait for the save in flight, if any, and commit it; returns it, complete.
         What a caller that must know the checkpoint is complete calls (the end of a run, a
-        preemption or signal save: or `save(..., wait=True)`)."""
+        preemption or signal save: or `save(..., wait=True)`). Its time is the caller's to count:
+        it is not added to the save's `blocked` (the loop's stall while training goes on)."""
         if self._pruning is not None:
             self._pruning.join()
             self._pruning = None
@@ -238,6 +241,7 @@ class Checkpoints:
         if current.thread is not None:
             current.thread.join()
         self._commit(current, barrier=True)
+        self._completed(current)
         return current
 
     def discard(self) -> None:
@@ -268,6 +272,8 @@ class Checkpoints:
         if barrier and self.world_size > 1:
             dist.barrier()  # every rank returns with the marker written
         current.complete, self.pending, self._last = True, None, current
+
+    def _completed(self, current: Save) -> None:
         if self.on_complete is not None:
             self.on_complete(current)
 
