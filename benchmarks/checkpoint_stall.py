@@ -18,6 +18,7 @@ the background over the synchronous mode (goal: R <= 0.3).
 """
 import argparse
 import json
+import logging
 import os
 import re
 import socket
@@ -114,6 +115,7 @@ def main() -> None:
 
     os.environ.update(AWS_ACCESS_KEY_ID="benchmark-key-id", AWS_SECRET_ACCESS_KEY="benchmark-secret",
                       AWS_DEFAULT_REGION="us-east-1", DS_ACCELERATOR="cpu")
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)  # moto's request log
     moto_port = free_port()
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=moto_port, verbose=False)
     server.start()
