@@ -47,7 +47,7 @@ class ThrottledProxy:
         self.target_port, self.rate = target_port, rate
         self.server = socket.create_server(("127.0.0.1", 0))
         self.port = self.server.getsockname()[1]
-        self.lock, self.sent, self.start = threading.Lock(), 0, time.monotonic()
+        self.lock, self.free_at = threading.Lock(), 0.0  # when the link has sent all it was given
         threading.Thread(target=self._accept, daemon=True).start()
 
     def _accept(self) -> None:
@@ -60,10 +60,10 @@ class ThrottledProxy:
     def _pump(self, source: socket.socket, sink: socket.socket, throttled: bool) -> None:
         try:
             while data := source.recv(16384):
-                if throttled:
-                    with self.lock:  # the link is shared: wait until its budget allows these bytes
-                        self.sent += len(data)
-                        due = self.start + self.sent / self.rate
+                if throttled:  # one link, shared, that never saves up idle time
+                    with self.lock:
+                        self.free_at = max(self.free_at, time.monotonic()) + len(data) / self.rate
+                        due = self.free_at
                     time.sleep(max(0.0, due - time.monotonic()))
                 sink.sendall(data)
         except OSError:
@@ -74,11 +74,6 @@ class ThrottledProxy:
                     s.shutdown(socket.SHUT_RDWR)
                 except OSError:
                     pass
-
-    def reset(self) -> None:
-        """Budget from now on: an idle link does not save up."""
-        with self.lock:
-            self.sent, self.start = 0, time.monotonic()
 
 
 def run(mode: str, background: bool, endpoint: str, bucket: str, args: argparse.Namespace, proxy: ThrottledProxy,
@@ -91,7 +86,6 @@ def run(mode: str, background: bool, endpoint: str, bucket: str, args: argparse.
                  f"checkpoint.async_upload={str(background).lower()}", "monitoring.enabled=false"]
     command = [sys.executable, "-m", "coatnet_scale.pretrain", "--config", str(REPO / "configs" / "tiny.yaml"),
                "--without-ray", *(f"--set={o}" for o in overrides)]
-    proxy.reset()
     result = subprocess.run(command, capture_output=True, text=True, cwd=REPO, timeout=1800)
     if result.returncode != 0:
         raise SystemExit(f"{mode} run failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}")

@@ -572,9 +572,10 @@ def _loop(config: Config, placement: Placement, engine, scheduler, checkpoints: 
             monitor.checkpoint_saved(saved.blocked, checkpoints.pending is not None)
             last_metrics["checkpoint_seconds"] = saved.blocked
             if rank == 0 and not saved.complete:
-                print(f"checkpoint step {step} staged in {saved.blocked:.1f}s; uploading to {checkpoints.url} in the "
+                print(f"checkpoint step {step} staged in {saved.blocked:.2f}s; uploading to {checkpoints.url} in the "
                       f"background", flush=True)
     waited = time.monotonic()
+    watchdog.arm(t.startup_timeout_s)  # an upload may outlast a step's timeout
     checkpoints.wait()  # a periodic save still in flight (checkpoint.at_end off) gets its marker
     final = {**last_metrics, "step": step, "checkpoint_blocked_seconds": checkpoints.blocked_seconds,
              "checkpoint_saves": checkpoints.saves, "checkpoint_final_wait_seconds": time.monotonic() - waited}
@@ -604,8 +605,8 @@ def _checkpoint_complete(saved, url: str, rank: int, health: Health, monitor) ->
     health.saved(saved.step, saved.tag)
     monitor.checkpoint_complete(saved.step, saved.upload_seconds)
     if rank == 0:
-        print(f"checkpoint step {saved.step} saved to {url}: the loop blocked {saved.blocked:.1f}s, rank 0 stored its "
-              f"files in {saved.upload_seconds:.1f}s", flush=True)
+        print(f"checkpoint step {saved.step} saved to {url}: the loop blocked {saved.blocked:.2f}s, rank 0 stored its "
+              f"files in {saved.upload_seconds:.2f}s", flush=True)
 
 
 def train_worker(loop_config: dict) -> None:
