@@ -2,7 +2,7 @@
 (`checkpoint.async_upload=false`) and in the background (`true`), on an S3 endpoint whose upload
 bandwidth is throttled.
 
-    python benchmarks/checkpoint_stall.py [--upload-mib-s 2] [--steps 85] [--every 20]
+    python benchmarks/checkpoint_stall.py [--upload-mib-s 4] [--steps 170] [--every 40]
 
 The S3 server is moto's threaded server on 127.0.0.1 (the one the test suite uses), behind a
 loopback TCP proxy started here that passes at most --upload-mib-s MiB/s from the client to the
@@ -99,9 +99,9 @@ def run(mode: str, background: bool, endpoint: str, bucket: str, args: argparse.
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--upload-mib-s", type=float, default=2.0, help="the proxy's client-to-server bandwidth")
-    parser.add_argument("--steps", type=int, default=85)
-    parser.add_argument("--every", type=int, default=20, help="checkpoint.every_steps")
+    parser.add_argument("--upload-mib-s", type=float, default=4.0, help="the proxy's client-to-server bandwidth")
+    parser.add_argument("--steps", type=int, default=170)
+    parser.add_argument("--every", type=int, default=40, help="checkpoint.every_steps (saves further apart than an upload takes)")
     args = parser.parse_args()
 
     import s3fs

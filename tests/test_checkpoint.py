@@ -272,13 +272,13 @@ def test_a_worker_killed_while_uploading_leaves_no_marker(demo_corpus, s3_endpoi
                  "monitoring.enabled=false"]
     command = [sys.executable, "-m", "coatnet_scale.pretrain", "--config", str(repo / "configs" / "tiny.yaml"),
                "--without-ray", *(f"--set={o}" for o in overrides)]
-    env = {**os.environ, "COATNET_SCALE_FAULT": "slowupload@step=4,seconds=300"}
+    env = {**os.environ, "COATNET_SCALE_FAULT": "slowupload@step=4,seconds=120"}
     worker = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=repo)
     seen = []
     try:
-        for line in worker.stdout:  # the pause began, and the loop went on to step 5 meanwhile
+        for line in worker.stdout:  # the upload's pause began, and the loop trained step 5 meanwhile
             seen.append(line)
-            if line.startswith("step 5/6") and any("slowupload on rank 0 at step 4" in s for s in seen):
+            if any(s.startswith("step 5/6") for s in seen) and any("slowupload on rank 0 at step 4" in s for s in seen):
                 break
     finally:
         worker.send_signal(signal.SIGKILL)
