@@ -103,7 +103,7 @@ def test_checkpoint_round_trip_through_s3(s3_endpoint, s3_bucket, unused_tcp_por
 
     url = f"s3://{s3_bucket}/run/checkpoints"
     result = subprocess.run([sys.executable, "-c", S3_ROUND_TRIP, url, str(unused_tcp_port)],
-                            capture_output=True, text=True, timeout=300)
+                            capture_output=True, text=True, timeout=600)
     assert result.returncode == 0 and result.stdout.strip().endswith("ok"), result.stderr[-3000:]
     fs = fsspec.filesystem("s3", endpoint_url=s3_endpoint, skip_instance_cache=True)
     names = sorted(p.rsplit("/", 1)[1] for p in fs.ls(f"{s3_bucket}/run/checkpoints/step_000000007"))
