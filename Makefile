@@ -38,6 +38,7 @@ bench: $(VENV)/.installed
 	$(PY) benchmarks/read_amplification.py
 	$(PY) benchmarks/listing_memory.py
 	$(PY) benchmarks/reshard_cost.py
+	$(PY) benchmarks/checkpoint_stall.py
 
 # Wheels for a GPU host that has only PyTorch (air-gapped): this project, DeepSpeed, pydantic,
 # webdataset and what DeepSpeed imports. Install there: pip install --no-index --no-deps wheelhouse/*.whl

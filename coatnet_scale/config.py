@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, StrictBool, ValidationError, field_validator, model_validator
 
 from coatnet_scale.batch import ElasticBatchError, apply_batch_plan, batch_plan
 from coatnet_scale.models import list_models
@@ -164,6 +164,9 @@ class CheckpointConfig(Section):
     every_steps: int = Field(500, ge=1)
     keep: int = Field(3, ge=1, description="newest complete checkpoints kept")
     at_end: bool = Field(True, description="save when the job ends (off only for throughput benchmarks)")
+    async_upload: StrictBool | None = Field(
+        None, description="hash and upload in the background, the loop waiting only for local staging "
+                          "(docs/checkpoints.md); default: true for object stores (s3://, gs://), false for local paths")
 
 
 class FinetuneConfig(Section):

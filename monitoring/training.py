@@ -11,7 +11,10 @@ on counters. The worker calls a few cheap methods (a lock and an add each, micro
     monitor.batch(wait_start, batch)         # each micro-batch, after the loader handed it over
     monitor.step(step, epoch, loss, lr, grad_norm)   # each optimizer step
     monitor.log()                            # each log line: throughput, FLOP/s, MFU gauges
-    monitor.evaluated(result)  /  monitor.checkpoint_saved(step, seconds)
+    monitor.evaluated(result)
+    monitor.checkpoint_saved(blocked_seconds, in_flight)   # the loop staged a save (upload maybe still going)
+    monitor.checkpoint_complete(step, upload_seconds)      # its marker is written: it counts
+    monitor.preempted()                      # a preemption notice or signal reached this worker
     monitor.close()                          # linger, stop serving, withdraw the targets
 
 Step time runs from the end of one optimizer step to the end of the next and includes the
@@ -90,9 +93,15 @@ class TrainingMonitor:
         self.recompute_factor = 1.0  # hardware FLOPs over model FLOPs: 4/3 when every block recomputes its forward
         # health
         self.corrupt = counter("coatnet_corrupt_samples_total", "Samples skipped because they failed to decode")
-        self.checkpoint_seconds = gauge("coatnet_checkpoint_save_seconds", "Duration of the last checkpoint save, all ranks").labels(**labels)
-        self.checkpoint_step = gauge("coatnet_checkpoint_last_step", "Step of the newest complete checkpoint").labels(**labels)
-        self.checkpoint_time = gauge("coatnet_checkpoint_last_timestamp_seconds", "Unix time the newest complete checkpoint was saved").labels(**labels)
+        self.checkpoint_blocked = gauge("coatnet_checkpoint_blocked_seconds", "Seconds the training loop blocked for the "
+                                        "last checkpoint save (staging; with the upload too when it is not in the background)").labels(**labels)
+        self.checkpoint_upload = gauge("coatnet_checkpoint_upload_seconds", "Seconds this rank took to hash and store its "
+                                       "files of the newest complete checkpoint (upload, or fsync on local storage)").labels(**labels)
+        self.checkpoint_uploads = gauge("coatnet_checkpoint_uploads_in_flight", "Checkpoint saves staged whose upload or "
+                                        "marker is not done yet (0 or 1)").labels(**labels)
+        self.checkpoint_step = gauge("coatnet_checkpoint_last_step", "Step of the newest complete (marked) checkpoint").labels(**labels)
+        self.checkpoint_time = gauge("coatnet_checkpoint_last_timestamp_seconds", "Unix time the newest complete (marked) checkpoint was written").labels(**labels)
+        self.preemptions = counter("coatnet_preemption_notices_total", "Preemption notices (Ray) and signals (SIGTERM, SIGUSR1) this worker acted on")
         self.restarts = counter("coatnet_worker_group_restarts_total", "Times Ray Train restarted the worker group in this job")
         # run health (coatnet_scale/engine/health.py)
         self.skipped_steps = counter("coatnet_skipped_steps_total", "Optimizer steps DeepSpeed skipped (non-finite gradient norm)")
@@ -173,11 +182,21 @@ class TrainingMonitor:
                 self.top5.labels(**self.labels, weights=weights).set(result[f"{prefix}top5"])
         self.restart_clock()
 
-    def checkpoint_saved(self, step: int, seconds: float) -> None:
-        self.checkpoint_seconds.set(seconds)
+    def checkpoint_saved(self, blocked_seconds: float, in_flight: bool) -> None:
+        """The loop is back from a save: it blocked this long; its upload may go on."""
+        self.checkpoint_blocked.set(blocked_seconds)
+        self.checkpoint_uploads.set(int(in_flight))
+        self.restart_clock()
+
+    def checkpoint_complete(self, step: int, upload_seconds: float) -> None:
+        """A checkpoint's marker is written: only now does it count as the newest."""
+        self.checkpoint_upload.set(upload_seconds)
+        self.checkpoint_uploads.set(0)
         self.checkpoint_step.set(step)
         self.checkpoint_time.set(time.time())
-        self.restart_clock()
+
+    def preempted(self) -> None:
+        self.preemptions.inc()
 
     def computed(self, seconds: float) -> None:
         self.compute_seconds.set(seconds)

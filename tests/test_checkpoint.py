@@ -1,5 +1,6 @@
 """Checkpoint bookkeeping that needs no training run: what counts as complete, what is kept."""
 import json
+from pathlib import Path
 
 import pytest
 
@@ -62,7 +63,9 @@ checkpoints = Checkpoints(url, {"endpoint_url": os.environ["AWS_ENDPOINT_URL"]},
 first = engine(0)
 loss = first(torch.randn(2, 3, 32, 32)).sum()
 first.backward(loss); first.step()
-checkpoints.save(first, 7, {"step": 7, "rng": {"torch": torch.get_rng_state()}})
+saved = checkpoints.save(first, 7, {"step": 7, "rng": {"torch": torch.get_rng_state()}})
+assert not saved.complete  # on an object store the upload goes on in the background
+assert checkpoints.wait() is saved and saved.complete
 second = engine(1)
 assert not torch.equal(flat(first), flat(second))
 tag, marker = checkpoints.choose()
@@ -100,7 +103,7 @@ def test_checkpoint_round_trip_through_s3(s3_endpoint, s3_bucket, unused_tcp_por
 
     url = f"s3://{s3_bucket}/run/checkpoints"
     result = subprocess.run([sys.executable, "-c", S3_ROUND_TRIP, url, str(unused_tcp_port)],
-                            capture_output=True, text=True, timeout=300)
+                            capture_output=True, text=True, timeout=600)
     assert result.returncode == 0 and result.stdout.strip().endswith("ok"), result.stderr[-3000:]
     fs = fsspec.filesystem("s3", endpoint_url=s3_endpoint, skip_instance_cache=True)
     names = sorted(p.rsplit("/", 1)[1] for p in fs.ls(f"{s3_bucket}/run/checkpoints/step_000000007"))
@@ -168,3 +171,127 @@ def test_ranks_wait_for_a_conversion_longer_than_the_group_timeout(tmp_path, unu
         assert json.loads((tmp_path / "0.json").read_text())["error"] == waiting["error"]
     else:
         assert waiting["marker"] == {"step": 4, "source_world_size": 1, "files": []}
+
+
+class StagingEngine:
+    """Stands in for DeepSpeed's engine in the bookkeeping test: writes this rank's partition
+    file where `save_checkpoint` is told, as ZeRO-3 does (every rank its own file)."""
+
+    def __init__(self, rank: int):
+        self.rank = rank
+
+    def save_checkpoint(self, save_dir, tag, save_latest):
+        import os
+
+        os.makedirs(os.path.join(save_dir, tag), exist_ok=True)
+        with open(os.path.join(save_dir, tag, f"zero_pp_rank_{self.rank}_mp_rank_00_optim_states.pt"), "wb") as f:
+            f.write(b"x" * 1000)
+
+
+def _background_saves(rank: int, folder: str, port: int, out: str) -> None:
+    """One rank of two: rank 1's upload of step 2 pauses 3 s (the fault hook); the loop's
+    per-step all-reduce stands in for health.agree's."""
+    import os
+    import time
+
+    import torch
+    import torch.distributed as dist
+
+    from coatnet_scale.engine.faults import Faults
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), COATNET_SCALE_FAULT="slowupload@step=2,rank=1,seconds=3")
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+    checkpoints = Checkpoints(f"{folder}/checkpoints", {}, keep=1, rank=rank, world_size=2, async_upload=True,
+                              faults=Faults(f"{folder}", {}, rank))
+    completed, seen = [], []
+    checkpoints.on_complete = lambda saved: completed.append(saved.step)
+    engine = StagingEngine(rank)
+    first = checkpoints.save(engine, 2, {"step": 2})
+    staged = {"complete": first.complete, "blocked": first.blocked}
+    while True:  # step boundaries
+        mine = checkpoints.uploaded()
+        tensor = torch.tensor([float(mine)], dtype=torch.float64)
+        dist.all_reduce(tensor)
+        done = int(tensor.item())
+        seen.append([mine, done, (Path(folder) / "checkpoints" / tag_for(2) / MARKER).exists()])
+        if done == 2:
+            checkpoints.commit()
+            break
+        time.sleep(0.1)
+    checkpoints.save(engine, 4, {"step": 4})
+    checkpoints.save(engine, 6, {"step": 6})  # waits for step 4's upload and marks it first
+    after_six = sorted(p.name for p in (Path(folder) / "checkpoints").iterdir())
+    in_flight = checkpoints.pending.step
+    checkpoints.wait()
+    with open(f"{out}/{rank}.json", "w") as f:
+        json.dump({"staged": staged, "seen": seen, "completed": completed, "after_six": after_six,
+                   "in_flight": in_flight}, f)
+    dist.destroy_process_group()
+
+
+def test_background_upload_marks_only_after_every_rank_and_keeps_one_in_flight(tmp_path, unused_tcp_port):
+    """Two ranks save with background upload: the save returns before anything is stored; the
+    marker appears only once both ranks' uploads are done (rank 1's is held 3 s), learned at a
+    step boundary; a save while one is in flight first completes it (one in flight), and
+    pruning (keep 1) never removes the one uploading."""
+    import torch.multiprocessing as mp
+
+    mp.spawn(_background_saves, args=(str(tmp_path), unused_tcp_port, str(tmp_path)), nprocs=2)
+    zero, one = (json.loads((tmp_path / f"{r}.json").read_text()) for r in (0, 1))
+    assert not zero["staged"]["complete"] and zero["staged"]["blocked"] < 3
+    # Rank 0 stored its part long before rank 1, and no marker existed while the group said 1 of 2.
+    waiting = [s for s in zero["seen"] if s[0] and s[1] == 1]
+    assert len(waiting) >= 5 and not any(marked for *_, marked in waiting)
+    assert zero["seen"][-1][1] == 2 and not one["seen"][0][0]
+    # After the save at 6: step 4 marked (and 2 pruned), 6 staged but not marked, kept.
+    assert zero["after_six"] == [tag_for(4), tag_for(6)]
+    assert zero["in_flight"] == one["in_flight"] == 6
+    assert zero["completed"] == one["completed"] == [2, 4, 6]
+    marker = json.loads((tmp_path / "checkpoints" / tag_for(6) / MARKER).read_text())
+    assert marker["files"] == sorted([f"zero_pp_rank_{r}_mp_rank_00_optim_states.pt" for r in (0, 1)] + [
+        f"trainer_state_rank{r}.pt" for r in (0, 1)])
+
+
+@pytest.mark.slow
+def test_a_worker_killed_while_uploading_leaves_no_marker(demo_corpus, s3_endpoint, s3_bucket):
+    """One worker saving to S3 in the background; its upload of step 4 pauses after the first
+    file (the slowupload fault) while the loop trains on. SIGKILL then: step 4 has a file but no
+    marker, and the same command resumes from step 2 and finishes."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    import s3fs
+
+    repo = Path(__file__).resolve().parent.parent
+    runs = f"s3://{s3_bucket}/runs"
+    overrides = [f"storage.url={runs}", "run_name=killed", f"data.train_manifest={demo_corpus}/train/manifest.json",
+                 "data.val_manifest=null", "data.num_workers=0", "cluster.num_workers=1", "train.global_batch_size=32",
+                 "train.total_steps=6", "train.warmup_steps=1", "train.log_every=1", "checkpoint.every_steps=2",
+                 "monitoring.enabled=false"]
+    command = [sys.executable, "-m", "coatnet_scale.pretrain", "--config", str(repo / "configs" / "tiny.yaml"),
+               "--without-ray", *(f"--set={o}" for o in overrides)]
+    env = {**os.environ, "COATNET_SCALE_FAULT": "slowupload@step=4,seconds=120"}
+    worker = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=repo)
+    seen = []
+    try:
+        for line in worker.stdout:  # the upload's pause began, and the loop trained step 5 meanwhile
+            seen.append(line)
+            if any(s.startswith("step 5/6") for s in seen) and any("slowupload on rank 0 at step 4" in s for s in seen):
+                break
+    finally:
+        worker.send_signal(signal.SIGKILL)
+        worker.communicate(timeout=60)
+    output = "".join(seen)
+    assert "slowupload on rank 0 at step 4" in output and "step 5/6" in output, output[-3000:]
+    fs = s3fs.S3FileSystem(endpoint_url=s3_endpoint, skip_instance_cache=True)
+    folder = f"{s3_bucket}/runs/killed/checkpoints"
+    assert fs.exists(f"{folder}/{tag_for(2)}/{MARKER}")
+    uploaded = [p.rsplit("/", 1)[1] for p in fs.ls(f"{folder}/{tag_for(4)}")]
+    assert uploaded and MARKER not in uploaded  # killed mid-upload: some files, no marker
+
+    result = subprocess.run(command, capture_output=True, text=True, env=env, cwd=repo, timeout=600)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert f"resumed from {runs}/killed/checkpoints/{tag_for(2)}: step 2" in result.stdout
+    assert fs.exists(f"{folder}/{tag_for(6)}/{MARKER}")

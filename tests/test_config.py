@@ -131,3 +131,18 @@ def test_cli_exits_nonzero_with_message_before_doing_work(tmp_path):
     assert result.returncode == 2
     assert "train.lr_warmup: unknown key; did you mean train.warmup_steps?" in result.stderr
     assert result.stdout == ""  # nothing ran
+
+
+def test_async_upload_defaults_by_store_and_takes_only_true_or_false(tmp_path):
+    """Unset: in the background for object stores, in the loop for local paths; a non-boolean is
+    refused by name."""
+    from coatnet_scale.engine.checkpoint import Checkpoints
+
+    assert load_config(None, []).checkpoint.async_upload is None
+    assert not Checkpoints(str(tmp_path), {}, keep=1, rank=0, world_size=1).async_upload
+    assert Checkpoints("s3://bucket/runs/x/checkpoints", {}, keep=1, rank=0, world_size=1).async_upload
+    assert Checkpoints(str(tmp_path), {}, keep=1, rank=0, world_size=1, async_upload=True).async_upload
+    assert load_config(None, ["checkpoint.async_upload=false"]).checkpoint.async_upload is False
+    with pytest.raises(ConfigError, match=r"^--set checkpoint\.async_upload=maybe: checkpoint\.async_upload: Input "
+                                          r"should be a valid boolean; got 'maybe'$"):
+        load_config(None, ["checkpoint.async_upload=maybe"])

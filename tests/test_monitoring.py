@@ -57,7 +57,10 @@ EXPECTED = {
     "coatnet_device_memory_allocated_bytes": ("gauge", {"device"}),
     "coatnet_device_memory_peak_bytes": ("gauge", {"device"}),
     "coatnet_corrupt_samples_total": ("counter", set()),
-    "coatnet_checkpoint_save_seconds": ("gauge", set()),
+    "coatnet_checkpoint_blocked_seconds": ("gauge", set()),
+    "coatnet_checkpoint_upload_seconds": ("gauge", set()),
+    "coatnet_checkpoint_uploads_in_flight": ("gauge", set()),
+    "coatnet_preemption_notices_total": ("counter", set()),
     "coatnet_checkpoint_last_step": ("gauge", set()),
     "coatnet_checkpoint_last_timestamp_seconds": ("gauge", set()),
     "coatnet_worker_group_restarts_total": ("counter", set()),
@@ -389,7 +392,7 @@ def test_the_monitor_offers_every_call_the_worker_makes():
     from monitoring.training import TrainingMonitor
 
     calls = set(re.findall(r"\bmonitor\.(\w+)\(", (REPO / "coatnet_scale/engine/worker.py").read_text()))
-    assert {"batch", "step", "log", "evaluated", "checkpoint_saved", "close"} <= calls
+    assert {"batch", "step", "log", "evaluated", "checkpoint_saved", "checkpoint_complete", "close"} <= calls
     assert calls <= set(dir(TrainingMonitor))
     for call in calls:
         assert getattr(Unmonitored(), call)() is None

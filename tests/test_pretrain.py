@@ -66,33 +66,43 @@ def test_more_workers_than_the_cluster_holds(demo_corpus, tmp_path):
 
 
 @pytest.mark.slow
-def test_resume_is_bit_identical(demo_corpus, tmp_path):
-    """12 steps straight == 6 steps, stop, resume, 6 more: the same losses and EMA to the last
-    bit, with stochastic depth on (RNG states) and checkpointing mid-epoch (loader position).
-    Two ranks under ZeRO-3 through the loop's torchrun launcher: the loop Ray runs, without
-    Ray's start-up (test_finetune.py resumes under Ray after a killed worker)."""
-    overrides = [f"storage.url={tmp_path}", *absolute_data(demo_corpus), "train.total_steps=12", "train.warmup_steps=3",
-                 "train.log_every=1", "checkpoint.every_steps=6", "model.drop_path_rate=0.2", "data.randaugment_ops=2",
+def test_resume_is_bit_identical(demo_corpus, tmp_path, s3_endpoint, s3_bucket):
+    """12 steps straight == 7 steps, stop, resume from step 6, 6 more: the same losses and EMA
+    to the last bit, with stochastic depth on (RNG states) and checkpointing mid-epoch (loader
+    position). Two ranks under ZeRO-3 through the loop's torchrun launcher: the loop Ray runs,
+    without Ray's start-up (test_finetune.py resumes under Ray after a killed worker). The
+    straight run saves synchronously to a local folder; the interrupted one to S3 with
+    background upload (the default there), and resumes from a checkpoint whose upload ran while
+    step 7 trained."""
+    import s3fs
+
+    overrides = [*absolute_data(demo_corpus), "train.total_steps=12", "train.warmup_steps=3",
+                 "train.log_every=1", "checkpoint.every_steps=3", "model.drop_path_rate=0.2", "data.randaugment_ops=2",
                  "train.ema_decay=0.5", "monitoring.enabled=false"]
     torchrun = [str(Path(sys.executable).parent / "torchrun"), "--nproc-per-node=2", "-m", "coatnet_scale.pretrain",
                 "--config", str(TINY), "--without-ray"]
+    runs = f"s3://{s3_bucket}/runs"
     output = ""
-    for run in (["run_name=straight"], ["run_name=resumed", "train.stop_at_step=6"], ["run_name=resumed"]):
+    for run in ([f"storage.url={tmp_path}", "run_name=straight"],
+                [f"storage.url={runs}", "run_name=resumed", "train.stop_at_step=7", "checkpoint.at_end=false"],
+                [f"storage.url={runs}", "run_name=resumed"]):
         result = subprocess.run([*torchrun, *(f"--set={o}" for o in overrides + run)], capture_output=True, text=True,
                                 cwd=REPO, timeout=600)
         assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
         output += result.stdout + result.stderr
+    fs = s3fs.S3FileSystem(endpoint_url=s3_endpoint, skip_instance_cache=True)
     straight = read_metrics(tmp_path, "straight")["history"]
-    first = json.loads((tmp_path / "resumed" / "metrics-step000000006.json").read_text())["history"]
-    second = json.loads((tmp_path / "resumed" / "metrics-step000000012.json").read_text())["history"]
-    assert [h["step"] for h in first + second] == list(range(1, 13))
-    assert [h["loss"] for h in first + second] == [h["loss"] for h in straight]
-    assert "resumed from" in output
+    first = json.loads(fs.cat_file(f"{s3_bucket}/runs/resumed/metrics-step000000007.json"))["history"]
+    second = json.loads(fs.cat_file(f"{s3_bucket}/runs/resumed/metrics-step000000012.json"))["history"]
+    assert [h["step"] for h in first + second] == [*range(1, 8), *range(7, 13)]
+    assert [h["loss"] for h in first + second] == [h["loss"] for h in straight[:7] + straight[6:]]
+    assert f"resumed from {runs}/resumed/checkpoints/step_000000006: step 6" in output
+    assert f"checkpoint step 6 staged" in output and "uploading to" in output  # in the background
     # The EMA, kept per rank under ZeRO-3, resumed with the rest: the same averaged weights.
     from coatnet_scale.engine.consolidate import consolidate
 
     straight_ema, _ = consolidate(str(tmp_path / "straight"), weights="ema")
-    resumed_ema, _ = consolidate(str(tmp_path / "resumed"), weights="ema")
+    resumed_ema, _ = consolidate(f"{runs}/resumed", {"endpoint_url": s3_endpoint}, weights="ema")
     assert all(torch.equal(straight_ema[k], resumed_ema[k]) for k in straight_ema)
 
 

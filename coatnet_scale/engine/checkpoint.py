@@ -3,10 +3,10 @@
 Layout: {storage.url}/{run_name}/checkpoints/step_000001000/ holds DeepSpeed's files (every
 rank's ZeRO-3 partition of parameters and optimizer state, the LR scheduler, rank 0's
 non-partitioned state), one `trainer_state_rank{r}.pt` per rank (step, loader position, RNG
-states), and COMPLETE.json. Rank 0 writes COMPLETE.json only after every rank has written
-its files and passed a barrier, so a checkpoint interrupted at any point has no marker and is
-never resumed from. DeepSpeed's `latest` file is neither written nor read. After each save
-rank 0 keeps the newest `keep` complete checkpoints and removes the rest.
+states), and COMPLETE.json. Rank 0 writes COMPLETE.json only after every rank has hashed and
+stored its files, so a checkpoint interrupted at any point (a crash during an upload included)
+has no marker and is never resumed from. DeepSpeed's `latest` file is neither written nor read.
+After each marker rank 0 keeps the newest `keep` complete checkpoints and removes the rest.
 
 Integrity. DeepSpeed's loaders unpickle its files (`torch.load(weights_only=False)`), so a file
 changed after the save could run code on every worker at the next resume. Each rank hashes
@@ -15,8 +15,19 @@ against the marker before DeepSpeed reads it. Which checkpoint to resume from is
 decision alone (`choose`), broadcast with its marker: on a shared filesystem with attribute
 caching, ranks listing for themselves could see different markers.
 
-On a local (or shared) filesystem DeepSpeed writes in place; for object stores each rank
-writes to its own local staging folder and uploads, and on load fetches only its own files.
+On a local (or shared) filesystem DeepSpeed writes in place and each rank fsyncs its files
+before the marker; for object stores each rank writes to its own local staging folder and
+uploads, and on load fetches only its own files.
+
+Background upload (`async_upload`, the default for object stores; docs/checkpoints.md). `save`
+blocks the loop only until DeepSpeed's files and the trainer state are on local disk (staging;
+DeepSpeed's default engine writes synchronously and ends with a barrier). Hashing and the upload
+(or the fsync, on local storage) then run in a thread of each rank, one save in flight: a new
+save first waits for the previous one and commits it. The loop learns that every rank's upload
+is done from the per-step all-reduce it already makes (engine/health.py carries each rank's
+`uploaded()`), and then calls `commit`: one gather of the digests, rank 0 writes the marker.
+`save(..., wait=True)` and `wait()` return only once the marker is written: the final save and
+the preemption saves use them. `on_complete(save)` is called on every rank for each marker.
 """
 from __future__ import annotations
 
@@ -28,8 +39,11 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
@@ -45,9 +59,25 @@ def tag_for(step: int) -> str:
     return f"step_{step:09d}"
 
 
+@dataclass
+class Save:
+    """One checkpoint save, from staging to its marker."""
+
+    step: int
+    tag: str
+    note: dict  # recorded in the marker, e.g. {"preemption": {...}}
+    blocked: float = 0.0  # seconds the loop waited for it: staging, and the commit
+    upload_seconds: float = 0.0  # this rank's hashing and upload (its fsync, on local storage)
+    complete: bool = False  # the marker is written
+    digests: dict = field(default_factory=dict)  # this rank's files' sha256
+    error: BaseException | None = None  # the upload's, raised in the loop's thread
+    thread: threading.Thread | None = None
+
+
 class Checkpoints:
     def __init__(self, url: str, storage_options: dict, keep: int, rank: int, world_size: int,
-                 metadata: dict | None = None, local_rank: int = 0, convert_workers: int | None = None):
+                 metadata: dict | None = None, local_rank: int = 0, convert_workers: int | None = None,
+                 async_upload: bool | None = None, faults=None):
         self.url = url.rstrip("/")
         self.metadata = metadata or {}  # recorded in every marker, e.g. the model section for fine-tuning
         self.fs, self.root = url_to_fs(self.url, storage_options)
@@ -57,6 +87,14 @@ class Checkpoints:
         # ds_to_universal's processes. One: more measured no faster on 2 cores (0.95x with 2 for 2
         # and 4 ranks' files, benchmarks/reshard_cost.py) and each holds its own working set.
         self.convert_workers = convert_workers or 1
+        # None: in the background for object stores, where the upload is what takes long.
+        self.async_upload = not self.local if async_upload is None else async_upload
+        self.faults = faults  # engine/faults.py's test-only hook (slowupload), or None
+        self.pending: Save | None = None  # the save in flight: staged, not yet marked
+        self.on_complete: Callable[[Save], None] | None = None  # told of each marker, on every rank
+        self.blocked_seconds, self.saves = 0.0, 0  # totals over this process's saves
+        self._pruning: threading.Thread | None = None
+        self._last: Save | None = None  # the newest completed save
 
     def _staging(self):
         """Where this rank writes or reads before an upload or after a download: the store
@@ -102,37 +140,142 @@ class Checkpoints:
 
     # -- save ------------------------------------------------------------------------------
 
-    def save(self, engine, step: int, trainer_state: dict) -> float:
-        """Collective: every rank calls it. Returns the seconds it took."""
+    def save(self, engine, step: int, trainer_state: dict, wait: bool = False, note: dict | None = None) -> Save:
+        """Collective: every rank calls it. Stages DeepSpeed's files and `trainer_state` on local
+        disk, after the previous save is committed (one in flight). With background upload the
+        hashing and upload continue in a thread and the returned Save is not complete yet;
+        without it, or with `wait`, this returns once the marker is written. `note` goes into
+        the marker (a preemption save says so). A save of the step already in flight only
+        waits for it when asked to."""
         start = time.monotonic()
-        tag = tag_for(step)
+        if self.pending is not None and self.pending.step == step:
+            if wait:
+                self.wait()
+            return self.pending or self._last
+        self.wait()
+        current = Save(step, tag_for(step), note or {})
         if self.local:
             self.fs.makedirs(self.root, exist_ok=True)
-        with self._staging() as save_dir:
-            written = os.path.join(save_dir, tag)
-            engine.save_checkpoint(save_dir, tag=tag, save_latest=False)
+            save_dir = self.root
+        else:  # kept until the upload ends
+            save_dir = tempfile.mkdtemp(prefix=f"coatnet_scale_ckpt_rank{self.rank}_")
+        written = os.path.join(save_dir, current.tag)
+        try:
+            engine.save_checkpoint(save_dir, tag=current.tag, save_latest=False)
             os.makedirs(written, exist_ok=True)
             torch.save(trainer_state, os.path.join(written, f"trainer_state_rank{self.rank}.pt"))
+        except BaseException:
+            if not self.local:
+                shutil.rmtree(save_dir, ignore_errors=True)
+            raise
+        self.pending, self.saves = current, self.saves + 1
+        if self.async_upload and not wait:
+            current.thread = threading.Thread(target=self._upload, args=(current, save_dir, written), daemon=True,
+                                              name=f"checkpoint-upload-{current.tag}")
+            current.thread.start()
+            current.blocked = time.monotonic() - start
+            self.blocked_seconds += current.blocked
+            return current
+        self._upload(current, save_dir, written)
+        self._commit(current, barrier=True)
+        current.blocked = time.monotonic() - start
+        self.blocked_seconds += current.blocked
+        self._completed(current)
+        return current
+
+    def _upload(self, current: Save, save_dir: str, written: str) -> None:
+        """Hash this rank's files and store them: upload (object stores) or fsync (local), in
+        the background thread or inline. Errors are kept for the loop's thread to raise."""
+        started = time.monotonic()
+        try:
             mine = sorted(name for name in os.listdir(written) if self._own(name))
-            digests = {name: file_sha256(os.path.join(written, name)) for name in mine}
+            for name in mine:
+                current.digests[name] = file_sha256(os.path.join(written, name))
+                if not self.local:
+                    self.fs.put_file(os.path.join(written, name), f"{self.root}/{current.tag}/{name}")
+                if self.faults is not None and name == mine[0]:
+                    self.faults.slow_upload(current.step)
             if self.local:
                 _fsync_files(written, mine)  # on disk before the marker can say so
-            else:
-                for name in mine:
-                    self.fs.put_file(os.path.join(written, name), f"{self.root}/{tag}/{name}")
-        # Every rank's files are in storage before the marker exists (the gather is a barrier).
-        everyone = [None] * self.world_size
-        dist.all_gather_object(everyone, digests)
+        except BaseException as e:
+            current.error = e
+        finally:
+            if not self.local:
+                shutil.rmtree(save_dir, ignore_errors=True)
+            current.upload_seconds = time.monotonic() - started
+
+    def uploaded(self) -> bool:
+        """Whether this rank's part of the save in flight is stored (not collective: the loop
+        carries it in its per-step all-reduce). Raises the upload's error."""
+        current = self.pending
+        if current is None or (current.thread is not None and current.thread.is_alive()):
+            return False
+        if current.error is not None:
+            raise RuntimeError(f"checkpoint {self.url}/{current.tag}: rank {self.rank} could not store its files: "
+                               f"{type(current.error).__name__}: {current.error}") from current.error
+        return True
+
+    def commit(self) -> Save:
+        """Collective, once every rank's `uploaded()` is true (the loop learns it from its
+        per-step all-reduce, so no rank waits here for another's upload): rank 0 writes the
+        marker. Returns the completed save."""
+        start = time.monotonic()
+        current = self.pending
+        self._commit(current, barrier=False)
+        current.blocked += time.monotonic() - start
+        self.blocked_seconds += time.monotonic() - start
+        self._completed(current)
+        return current
+
+    def wait(self) -> Save | None:
+        """Collective: wait for the save in flight, if any, and commit it; returns it, complete.
+        What a caller that must know the checkpoint is complete calls (the end of a run, a
+        preemption or signal save: or `save(..., wait=True)`). Its time is the caller's to count:
+        it is not added to the save's `blocked` (the loop's stall while training goes on)."""
+        if self._pruning is not None:
+            self._pruning.join()
+            self._pruning = None
+        current = self.pending
+        if current is None:
+            return None
+        if current.thread is not None:
+            current.thread.join()
+        self._commit(current, barrier=True)
+        self._completed(current)
+        return current
+
+    def discard(self) -> None:
+        """Forget the save in flight without a marker (a rollback: the run goes back to the
+        checkpoint its record names). Waits for the upload thread, so that it writes no more."""
+        if self.pending is not None and self.pending.thread is not None:
+            self.pending.thread.join()
+        self.pending = None
+
+    def _commit(self, current: Save, barrier: bool) -> None:
+        self.uploaded()  # this rank's upload error, if any
+        # The files are the ones every rank reported storing, not a listing (which a shared
+        # filesystem with attribute caching may show rank 0 incompletely).
+        everyone = [current.digests]
+        if self.world_size > 1:
+            everyone = [None] * self.world_size
+            dist.all_gather_object(everyone, current.digests)
         if self.rank == 0:
             sha256 = {name: digest for rank_digests in everyone for name, digest in rank_digests.items()}
-            # The files are the ones every rank reported writing, not a listing (which a shared
-            # filesystem with attribute caching may show rank 0 incompletely).
-            marker = {"step": step, "world_size": self.world_size, "files": sorted(sha256), "sha256": sha256,
-                      **self.metadata}
-            write_atomic(self.fs, f"{self.root}/{tag}/{MARKER}", json.dumps(marker, indent=1).encode())
-            self._prune()
-        dist.barrier()
-        return time.monotonic() - start
+            marker = {"step": current.step, "world_size": self.world_size, "files": sorted(sha256), "sha256": sha256,
+                      **self.metadata, **current.note}
+            write_atomic(self.fs, f"{self.root}/{current.tag}/{MARKER}", json.dumps(marker, indent=1).encode())
+            if barrier:
+                self._prune()
+            else:  # off the loop's path; the next save or wait joins it
+                self._pruning = threading.Thread(target=self._prune, daemon=True, name="checkpoint-prune")
+                self._pruning.start()
+        if barrier and self.world_size > 1:
+            dist.barrier()  # every rank returns with the marker written
+        current.complete, self.pending, self._last = True, None, current
+
+    def _completed(self, current: Save) -> None:
+        if self.on_complete is not None:
+            self.on_complete(current)
 
     def _files(self, tag: str) -> list[str]:
         return [p.rsplit("/", 1)[-1] for p in self.fs.ls(f"{self.root}/{tag}", detail=False)]

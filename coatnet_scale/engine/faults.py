@@ -3,6 +3,8 @@
     COATNET_SCALE_FAULT=nan@step=25            rank 0's loss is NaN at step 25 (rank=R for another)
     COATNET_SCALE_FAULT=hang@step=12,rank=1    rank 1 freezes (SIGSTOP to itself) at the start of step 12
     COATNET_SCALE_FAULT=slow@step=5,rank=1,seconds=0.5   rank 1's compute takes 0.5 s longer from step 5
+    COATNET_SCALE_FAULT=slowupload@step=4,seconds=60   rank 0's upload of the step-4 checkpoint pauses 60 s
+                                                       after its first file (a background upload, killed mid-way)
     COATNET_SCALE_FAULT='slow@step=5,rank=1,seconds=0.5;nan@step=9'   several, separated by ';'
 
 A fault fires once per run: the rank it hits first records it under
@@ -19,7 +21,7 @@ import time
 from coatnet_scale.storage import url_to_fs, write_atomic
 
 VARIABLE = "COATNET_SCALE_FAULT"
-KINDS = ("nan", "hang", "slow")
+KINDS = ("nan", "hang", "slow", "slowupload")
 
 
 def parse(text: str) -> dict:
@@ -27,9 +29,9 @@ def parse(text: str) -> dict:
     kind, _, rest = text.strip().partition("@")
     fields = dict(part.split("=", 1) for part in rest.split(",") if "=" in part)
     if kind not in KINDS or "step" not in fields or set(fields) - {"step", "rank", "seconds"} or \
-            (kind == "slow" and "seconds" not in fields):
-        raise ValueError(f"{VARIABLE}={text!r}: expected nan@step=N[,rank=R], hang@step=N[,rank=R] or "
-                         f"slow@step=N,rank=R,seconds=S")
+            (kind in ("slow", "slowupload") and "seconds" not in fields):
+        raise ValueError(f"{VARIABLE}={text!r}: expected nan@step=N[,rank=R], hang@step=N[,rank=R], "
+                         f"slow@step=N,rank=R,seconds=S or slowupload@step=N[,rank=R],seconds=S")
     return {"kind": kind, "step": int(fields["step"]), "rank": int(fields.get("rank", 0)),
             "seconds": float(fields.get("seconds", 0))}
 
@@ -67,3 +69,8 @@ class Faults:
             self.slow = self.faults["slow"]["seconds"]
         if self.slow:
             time.sleep(self.slow)
+
+    def slow_upload(self, step: int) -> None:
+        """Called by the checkpoint upload (engine/checkpoint.py) after its first file."""
+        if self._fires("slowupload", step):
+            time.sleep(self.faults["slowupload"]["seconds"])

@@ -33,7 +33,7 @@ from coatnet_scale.config import Config, TrainConfig
 from coatnet_scale.data import eval_loader, train_loader
 from coatnet_scale.data.plan import Phase, derive_seed
 from coatnet_scale.engine import collectives
-from coatnet_scale.engine.checkpoint import Checkpoints, tag_for
+from coatnet_scale.engine.checkpoint import Checkpoints
 from coatnet_scale.engine.compiled import compile_blocks
 from coatnet_scale.engine.ema import ShardedEMA
 from coatnet_scale.engine.failures import FailureLog
@@ -310,7 +310,8 @@ def _attempts(config: Config, placement: Placement, options: dict, watchdog: Wat
     if not use_gpu:
         torch.set_num_threads(max(1, int(config.cluster.cpus_per_worker)))
     checkpoints = Checkpoints(checkpoint_url(config), options, config.checkpoint.keep, rank, world_size,
-                              metadata=checkpoint_metadata(config), local_rank=placement.local_rank)
+                              metadata=checkpoint_metadata(config), local_rank=placement.local_rank,
+                              async_upload=config.checkpoint.async_upload)
     tag, marker = checkpoints.choose()
     finished = finished_report(config, marker)
     if finished is not None:  # e.g. Ray restarting a group after the last step: nothing to redo
@@ -339,6 +340,7 @@ def _attempts(config: Config, placement: Placement, options: dict, watchdog: Wat
         if problems:
             raise RuntimeError("; ".join(problems))
         faults = Faults(run_url(config), options, rank)
+        checkpoints.faults = faults
         monitors: list = []  # one for every attempt: a rollback is not a new worker group
         while True:
             try:
@@ -346,7 +348,7 @@ def _attempts(config: Config, placement: Placement, options: dict, watchdog: Wat
                                faults, monitors)
                 break
             except Rollback:
-                pass
+                checkpoints.discard()  # the rollback record names the newest marked checkpoint
             gc.collect()  # the attempt's engine and loaders (the exception held them), before the next is built
             if device.type == "cuda":
                 torch.cuda.empty_cache()
@@ -497,6 +499,7 @@ def _loop(config: Config, placement: Placement, engine, scheduler, checkpoints: 
     last_metrics: dict = {}
     history: list[dict] = []
     window_start, window_steps, window_wait, window_images, corrupt = time.monotonic(), 0, 0.0, 0, 0
+    checkpoints.on_complete = lambda saved: _checkpoint_complete(saved, checkpoints.url, rank, health, monitor)
     while step < last_step:
         faults.hang(step + 1)
         started = time.monotonic()
@@ -508,8 +511,9 @@ def _loop(config: Config, placement: Placement, engine, scheduler, checkpoints: 
         # Every rank learns how the step went on all of them (one small all-reduce), and the
         # log line's sums come with it.
         agreed = health.agree(step, counts.loss, engine.get_global_grad_norm(), engine.was_step_applied(),
-                              counts.corrupt, counts.images, compute)
+                              counts.corrupt, counts.images, compute, checkpoints.uploaded())
         if "stopped" in agreed:
+            checkpoints.discard()
             if rank == 0:
                 print(f"stopping: {agreed['stopped']}", flush=True)
             final = {**last_metrics, "step": step, "stopped": agreed["stopped"]}
@@ -517,6 +521,8 @@ def _loop(config: Config, placement: Placement, engine, scheduler, checkpoints: 
                 report(final)
             monitor.close()
             return final
+        if agreed["uploaded"] == world_size:  # every rank stored its part of the save in flight
+            checkpoints.commit()
         watchdog.arm(t.hang_timeout_s)
         window_steps += 1
         window_wait += counts.data_wait
@@ -560,14 +566,19 @@ def _loop(config: Config, placement: Placement, engine, scheduler, checkpoints: 
                              "data_group": group}
             if ema is not None:
                 trainer_state["ema"] = ema.state_dict()
-            seconds = checkpoints.save(engine, step, trainer_state)
-            health.saved(step, tag_for(step))
+            # The run's last save waits for its marker; others upload in the background (when on).
+            saved = checkpoints.save(engine, step, trainer_state, wait=step == last_step)
             watchdog.arm(t.hang_timeout_s)
-            monitor.checkpoint_saved(step, seconds)
-            last_metrics["checkpoint_seconds"] = seconds
-            if rank == 0:
-                print(f"checkpoint step {step} saved to {checkpoints.url} in {seconds:.1f}s", flush=True)
-    final = {**last_metrics, "step": step}
+            monitor.checkpoint_saved(saved.blocked, checkpoints.pending is not None)
+            last_metrics["checkpoint_seconds"] = saved.blocked
+            if rank == 0 and not saved.complete:
+                print(f"checkpoint step {step} staged in {saved.blocked:.2f}s; uploading to {checkpoints.url} in the "
+                      f"background", flush=True)
+    waited = time.monotonic()
+    watchdog.arm(t.startup_timeout_s)  # an upload may outlast a step's timeout
+    checkpoints.wait()  # a periodic save still in flight (checkpoint.at_end off) gets its marker
+    final = {**last_metrics, "step": step, "checkpoint_blocked_seconds": checkpoints.blocked_seconds,
+             "checkpoint_saves": checkpoints.saves, "checkpoint_final_wait_seconds": time.monotonic() - waited}
     if validation is not None and step == t.total_steps:
         watchdog.arm(t.startup_timeout_s)
         result = evaluate_with_ema(engine, validation, device, ema)
@@ -587,6 +598,15 @@ def _loop(config: Config, placement: Placement, engine, scheduler, checkpoints: 
         report(final)
     monitor.close()  # after monitoring.linger_seconds, so the final values get scraped
     return final
+
+
+def _checkpoint_complete(saved, url: str, rank: int, health: Health, monitor) -> None:
+    """A checkpoint's marker is written: rollbacks now go to it; its step and age are monitored."""
+    health.saved(saved.step, saved.tag)
+    monitor.checkpoint_complete(saved.step, saved.upload_seconds)
+    if rank == 0:
+        print(f"checkpoint step {saved.step} saved to {url}: the loop blocked {saved.blocked:.2f}s, rank 0 stored its "
+              f"files in {saved.upload_seconds:.2f}s", flush=True)
 
 
 def train_worker(loop_config: dict) -> None:
