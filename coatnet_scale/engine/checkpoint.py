@@ -102,8 +102,9 @@ class Checkpoints:
 
     # -- save ------------------------------------------------------------------------------
 
-    def save(self, engine, step: int, trainer_state: dict) -> float:
-        """Collective: every rank calls it. Returns the seconds it took."""
+    def save(self, engine, step: int, trainer_state: dict, marked: dict | None = None) -> float:
+        """Collective: every rank calls it. Returns the seconds it took. `marked`: what the
+        marker records besides (why a checkpoint was saved off its schedule: engine/interrupt.py)."""
         start = time.monotonic()
         tag = tag_for(step)
         if self.local:
@@ -128,7 +129,7 @@ class Checkpoints:
             # The files are the ones every rank reported writing, not a listing (which a shared
             # filesystem with attribute caching may show rank 0 incompletely).
             marker = {"step": step, "world_size": self.world_size, "files": sorted(sha256), "sha256": sha256,
-                      **self.metadata}
+                      **self.metadata, **(marked or {})}
             write_atomic(self.fs, f"{self.root}/{tag}/{MARKER}", json.dumps(marker, indent=1).encode())
             self._prune()
         dist.barrier()
