@@ -204,9 +204,11 @@ def two_node_cluster(s3_endpoint):
     _node_ip_address=cluster.node_ip). Workers see the S3 endpoint on loopback through the AWS
     environment; a local storage path is node-local here, as on a real cluster, so give runs
     s3:// storage (the `s3_bucket` fixture) or storage.shared: true. One cluster per test
-    module; `add_node` starts another node (after a test removes one, say)."""
+    module; `add_node` starts another node (after a test removes one, say). A node's `ray start
+    --block` that gets SIGTERM drains the node for up to 20 s (Ray's default 30) before it goes."""
     with ray_client_environment(multi_node=True):
-        cluster = RayCluster(dict(os.environ), num_cpus=2, node_ip="127.0.0.2")
+        cluster = RayCluster({**os.environ, "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "20"}, num_cpus=2,
+                             node_ip="127.0.0.2")
         try:
             cluster.add_node(num_cpus=2, node_ip="127.0.0.3")
             yield cluster

@@ -4,6 +4,7 @@ is in test_finetune.py, where the fine-tuning hand-off starts from it."""
 import json
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -66,28 +67,48 @@ def test_more_workers_than_the_cluster_holds(demo_corpus, tmp_path):
 
 
 @pytest.mark.slow
-def test_resume_is_bit_identical(demo_corpus, tmp_path):
-    """12 steps straight == 6 steps, stop, resume, 6 more: the same losses and EMA to the last
-    bit, with stochastic depth on (RNG states) and checkpointing mid-epoch (loader position).
-    Two ranks under ZeRO-3 through the loop's torchrun launcher: the loop Ray runs, without
-    Ray's start-up (test_finetune.py resumes under Ray after a killed worker)."""
-    overrides = [f"storage.url={tmp_path}", *absolute_data(demo_corpus), "train.total_steps=12", "train.warmup_steps=3",
-                 "train.log_every=1", "checkpoint.every_steps=6", "model.drop_path_rate=0.2", "data.randaugment_ops=2",
+def test_resume_after_a_signal_is_bit_identical(demo_corpus, tmp_path):
+    """44 steps straight == SIGTERM to torchrun after step 40, the checkpoint the ranks saved at
+    the next step boundary (exit code 75), the same command again: the same losses and EMA to
+    the last bit, with stochastic depth on (RNG states) and checkpointing mid-epoch (loader
+    position). Two ranks under ZeRO-3 through the loop's torchrun launcher: the loop Ray runs,
+    without Ray's start-up (test_elastic.py saves on Ray's reclaim notice)."""
+    overrides = [f"storage.url={tmp_path}", *absolute_data(demo_corpus), "train.total_steps=44", "train.warmup_steps=3",
+                 "train.log_every=1", "checkpoint.every_steps=1000", "model.drop_path_rate=0.2", "data.randaugment_ops=2",
                  "train.ema_decay=0.5", "monitoring.enabled=false"]
     torchrun = [str(Path(sys.executable).parent / "torchrun"), "--nproc-per-node=2", "-m", "coatnet_scale.pretrain",
                 "--config", str(TINY), "--without-ray"]
-    output = ""
-    for run in (["run_name=straight"], ["run_name=resumed", "train.stop_at_step=6"], ["run_name=resumed"]):
-        result = subprocess.run([*torchrun, *(f"--set={o}" for o in overrides + run)], capture_output=True, text=True,
-                                cwd=REPO, timeout=600)
+
+    def command(run: str) -> list[str]:
+        return [*torchrun, *(f"--set={o}" for o in [*overrides, f"run_name={run}"])]
+
+    # The signalled run first, alone on the cores, so the straight run's time is not in its window.
+    with subprocess.Popen(command("resumed"), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                          cwd=REPO) as process:
+        output = ""
+        for line in process.stdout:
+            output += line
+            if line.startswith("step 40/44"):
+                process.send_signal(signal.SIGTERM)
+                break
+        output += process.stdout.read()
+        process.wait(timeout=120)
+    saved = re.search(r"signal: SIGTERM reached 2 rank\(s\): saving a checkpoint at step (\d+)", output)
+    assert saved, output[-3000:]
+    step = int(saved.group(1))
+    marker = json.loads((tmp_path / "resumed" / "checkpoints" / f"step_{step:09d}" / "COMPLETE.json").read_text())
+    assert step >= 41 and marker["step"] == step and marker["signal"] == "SIGTERM"
+    assert f"exitcode  : 75" in output or "exit code 75" in output, output[-3000:]
+    for run in ("resumed", "straight"):
+        result = subprocess.run(command(run), capture_output=True, text=True, cwd=REPO, timeout=600)
         assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
         output += result.stdout + result.stderr
+    assert f"step {step}, epoch" in output and "saved on a signal notice" in output
     straight = read_metrics(tmp_path, "straight")["history"]
-    first = json.loads((tmp_path / "resumed" / "metrics-step000000006.json").read_text())["history"]
-    second = json.loads((tmp_path / "resumed" / "metrics-step000000012.json").read_text())["history"]
-    assert [h["step"] for h in first + second] == list(range(1, 13))
+    first = json.loads((tmp_path / "resumed" / f"metrics-step{step:09d}.json").read_text())["history"]
+    second = json.loads((tmp_path / "resumed" / "metrics-step000000044.json").read_text())["history"]
+    assert [h["step"] for h in first + second] == list(range(1, 45))
     assert [h["loss"] for h in first + second] == [h["loss"] for h in straight]
-    assert "resumed from" in output
     # The EMA, kept per rank under ZeRO-3, resumed with the rest: the same averaged weights.
     from coatnet_scale.engine.consolidate import consolidate
 
