@@ -233,3 +233,32 @@ def test_preflight_prints_what_each_group_size_runs(capsys):
     out, err = capsys.readouterr()
     assert "255..250 workers: cannot make the batch" in out
     assert "an elastic group of 255..250 workers cannot make train.global_batch_size=4096" in err
+
+
+def test_a_notice_is_acted_on_once_per_node_and_a_short_deadline_is_named():
+    """The loop's side of Ray's notices (engine/interrupt.py), with Ray's own PreemptionInfo: asked
+    only every poll_steps steps, one save per reclaimed node, and a warning when the last save
+    took longer than the deadline leaves."""
+    from ray.train import PreemptionInfo
+
+    from coatnet_scale.engine.interrupt import Notices
+
+    asked, now_ms = [], int(time.time() * 1000)
+    answers = {10: None, 20: PreemptionInfo(now_ms + 30_000, {"node-b": [1]}),
+               30: PreemptionInfo(now_ms + 30_000, {"node-b": [1]}),
+               40: PreemptionInfo(now_ms + 5_000, {"node-b": [1], "node-c": [2, 3]})}
+    at = [0]  # the loop's step
+    notices = Notices(lambda: asked.append(at[0]) or answers[at[0]], poll_steps=10)
+    found = {}
+    for step in range(1, 41):
+        at[0] = step
+        found[step] = notices.new(step)
+    assert asked == [10, 20, 30, 40] and [s for s, n in found.items() if n] == [20, 40]
+    assert found[40] == {"notice_step": 40, "deadline_ms": now_ms + 5_000, "ranks": [1, 2, 3], "nodes": ["node-b", "node-c"]}
+    line = notices.describe(found[20], 20)
+    assert re.fullmatch(r"preemption: node\(s\) node-b \(ranks \[1\]\) reclaimed in (29|30)\.\d s: saving a checkpoint at step "
+                        r"20, then training on until the node goes", line), line
+    notices.last_save_s = 12.0
+    assert "warning: the last save took 12.0 s, longer than that" in notices.describe(found[40], 40)
+    assert "warning" not in notices.describe(found[20], 20)
+    assert Notices(None, 10).new(10) is None  # without Ray nothing is asked
