@@ -366,8 +366,9 @@ def launch(config: Config, command: str, without_ray: bool = False) -> int:
                 from coatnet_scale.engine.interrupt import EXIT_RESUMABLE
 
                 if int(os.environ.get("RANK", "0")) == 0:
-                    print(f"{command}: {config.run_name} saved at step {outcome['step']} on {outcome['interrupted']} and "
-                          f"stopped; the same command resumes (exit code {EXIT_RESUMABLE})", file=sys.stderr)
+                    print(f"{command}: {config.run_name} stopped on {outcome['interrupted']} at step {outcome['step']}; the "
+                          f"same command resumes from its newest complete checkpoint (exit code {EXIT_RESUMABLE})",
+                          file=sys.stderr)
                 return EXIT_RESUMABLE
             if int(os.environ.get("RANK", "0")) != 0:
                 return 0
