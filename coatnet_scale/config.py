@@ -141,6 +141,10 @@ class ClusterConfig(Section):
         None, description="the most of each Ray resource the cluster can grow to (its autoscaling maximum); "
                           "unset: the cluster is as large as it will get")
     scale_up_timeout_s: float = Field(1800.0, gt=0, description="how long preflight waits for an autoscaling cluster to hold the group")
+    max_preemptions: int = Field(-1, ge=-1, description="restarts after a node was reclaimed (Ray's FailureConfig."
+                                                        "max_preemption_failures, apart from max_failures); -1: unlimited")
+    preemption_grace_s: float = Field(0.0, ge=0, description="how long Ray keeps the surviving workers running past a "
+                                                             "reclaim's deadline before it restarts the group")
 
 
 class DeepSpeedConfig(Section):
@@ -167,6 +171,8 @@ class CheckpointConfig(Section):
     async_upload: StrictBool | None = Field(
         None, description="hash and upload in the background, the loop waiting only for local staging "
                           "(docs/checkpoints.md); default: true for object stores (s3://, gs://), false for local paths")
+    preemption_poll_steps: int = Field(10, ge=1, description="under Ray, ask for a reclaim notice every this many steps "
+                                                             "(a barrier); on one every rank saves at once")
 
 
 class FinetuneConfig(Section):

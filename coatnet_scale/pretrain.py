@@ -305,7 +305,9 @@ def run(config: Config) -> dict:
         run_config=RunConfig(
             name=config.run_name,
             storage_path=f"{config.storage.url.rstrip('/')}/ray",
-            failure_config=FailureConfig(max_failures=c.max_failures),
+            # A reclaimed node (docs/elastic.md, "Preemption") counts apart from failures.
+            failure_config=FailureConfig(max_failures=c.max_failures, max_preemption_failures=c.max_preemptions,
+                                         preemption_grace_s=c.preemption_grace_s),
         ),
         # Longer than the step watchdog, so a rank stuck in a collective dumps its stacks first.
         torch_config=TorchConfig(backend="nccl" if c.use_gpu else "gloo",
@@ -360,6 +362,14 @@ def launch(config: Config, command: str, without_ray: bool = False) -> int:
             outcome = standalone.run(config, check_inputs)
             if "stopped" in outcome:
                 raise JobStopped(outcome["stopped"])
+            if "interrupted" in outcome:
+                from coatnet_scale.engine.interrupt import EXIT_RESUMABLE
+
+                if int(os.environ.get("RANK", "0")) == 0:
+                    print(f"{command}: {config.run_name} stopped on {outcome['interrupted']} at step {outcome['step']}; the "
+                          f"same command resumes from its newest complete checkpoint (exit code {EXIT_RESUMABLE})",
+                          file=sys.stderr)
+                return EXIT_RESUMABLE
             if int(os.environ.get("RANK", "0")) != 0:
                 return 0
             metrics = read_metrics(config)

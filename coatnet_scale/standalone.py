@@ -10,6 +10,10 @@ size is the number of processes: when it differs from `cluster.num_workers` the 
 as an elastic group would keep it (coatnet_scale/batch.py). What Ray adds is missing: restarts
 (beyond torchrun's `--max-restarts`), elastic groups that change size by themselves, the
 cluster check.
+
+SIGTERM and SIGUSR1 (torchrun passes on the one it gets; Slurm's `--signal=USR1@120`) make
+every rank save a checkpoint at the next step boundary and exit with code 75; the same command
+resumes (engine/interrupt.py, docs/elastic.md).
 """
 from __future__ import annotations
 
@@ -66,6 +70,9 @@ def run(config: Config, preflight) -> dict:
 
         for key, value in gpu_worker_env(run_url(config)).items():
             os.environ.setdefault(key, value)
+    from coatnet_scale.engine.interrupt import catch_signals
+
+    catch_signals()  # here, in the main thread: the loop saves and stops at the next step boundary
     placement = init_process_group(use_gpu, config.train.hang_timeout_s)
     try:
         problem = [None]

@@ -213,7 +213,8 @@ def two_node_cluster(s3_endpoint):
     _node_ip_address=cluster.node_ip). Workers see the S3 endpoint on loopback through the AWS
     environment; a local storage path is node-local here, as on a real cluster, so give runs
     s3:// storage (the `s3_bucket` fixture) or storage.shared: true. One cluster per test
-    module; `add_node` starts another node (after a test removes one, say)."""
+    module; `add_node` starts another node (after a test removes one, say). A node's `ray start
+    --block` that gets SIGTERM drains the node for up to 20 s (Ray's default 30) before it goes."""
     with ray_client_environment(multi_node=True):
         # A test that takes a node away waits less for Ray to notice: the GCS health-checks each
         # raylet every second, not every 3 s (dead after 5 failed checks: ~5 s, not ~15 s), and
@@ -221,7 +222,8 @@ def two_node_cluster(s3_endpoint):
         # 60 s. A group restarted before the node is declared dead asks for the dead node's CPUs
         # and waited out the whole 60 s; after 10 s it is retried (controller errors are retried
         # without limit) and finds the node gone. Placement on a live cluster takes milliseconds.
-        env = {**os.environ, "RAY_health_check_period_ms": "1000", "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": "10"}
+        env = {**os.environ, "RAY_health_check_period_ms": "1000", "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": "10",
+               "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "20"}
         cluster = RayCluster(env, num_cpus=2, node_ip="127.0.0.2")
         try:
             cluster.add_node(num_cpus=2, node_ip="127.0.0.3")

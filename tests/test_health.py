@@ -34,7 +34,8 @@ def health(tmp_path, records=(), **train) -> Health:
 def test_skipped_steps_roll_back_then_the_run_stops(tmp_path):
     with collectives.audit(torch.device("cpu")):  # one rank: the all-reduce is the identity
         h = health(tmp_path)
-        assert h.agree(1, 2.0, 1.0, True, 0, 64, 0.1)["loss"] == 2.0
+        agreed = h.agree(1, 2.0, 1.0, True, 0, 64, 0.1, signalled=True)  # a stop signal rides on the same reduction
+        assert (agreed["loss"], agreed["signalled"]) == (2.0, 1)
         assert h.agree(2, 2.0, math.inf, False, 0, 64, 0.1) and not h.healthy  # skipped: no checkpoint now
         assert h.agree(3, 2.0, math.inf, False, 0, 64, 0.1)
         with pytest.raises(Rollback, match="3 steps in a row skipped"):

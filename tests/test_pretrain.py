@@ -4,6 +4,7 @@ is in test_finetune.py, where the fine-tuning hand-off starts from it."""
 import json
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -66,38 +67,59 @@ def test_more_workers_than_the_cluster_holds(demo_corpus, tmp_path):
 
 
 @pytest.mark.slow
-def test_resume_is_bit_identical(demo_corpus, tmp_path, s3_endpoint, s3_bucket):
-    """12 steps straight == 7 steps, stop, resume from step 6, 6 more: the same losses and EMA
-    to the last bit, with stochastic depth on (RNG states) and checkpointing mid-epoch (loader
+def test_resume_after_a_signal_is_bit_identical(demo_corpus, tmp_path, s3_endpoint, s3_bucket):
+    """44 steps straight == SIGTERM to torchrun after step 40, the checkpoint the ranks saved at
+    the next step boundary (exit code 75), the same command again: the same losses and EMA to
+    the last bit, with stochastic depth on (RNG states) and checkpointing mid-epoch (loader
     position). Two ranks under ZeRO-3 through the loop's torchrun launcher: the loop Ray runs,
-    without Ray's start-up (test_finetune.py resumes under Ray after a killed worker). The
-    straight run saves synchronously to a local folder; the interrupted one to S3 with
-    background upload (the default there), and resumes from a checkpoint whose upload ran while
-    step 7 trained."""
+    without Ray's start-up (test_elastic.py saves on Ray's reclaim notice). The straight run
+    saves synchronously to a local folder; the signalled one to S3 with background upload (the
+    default there): its periodic saves upload while the next steps train, and the signal's save
+    waits for the one in flight, then for its own marker."""
     import s3fs
 
-    overrides = [*absolute_data(demo_corpus), "train.total_steps=12", "train.warmup_steps=3",
-                 "train.log_every=1", "checkpoint.every_steps=3", "model.drop_path_rate=0.2", "data.randaugment_ops=2",
+    overrides = [*absolute_data(demo_corpus), "train.total_steps=44", "train.warmup_steps=3",
+                 "train.log_every=1", "checkpoint.every_steps=20", "model.drop_path_rate=0.2", "data.randaugment_ops=2",
                  "train.ema_decay=0.5", "monitoring.enabled=false"]
     torchrun = [str(Path(sys.executable).parent / "torchrun"), "--nproc-per-node=2", "-m", "coatnet_scale.pretrain",
                 "--config", str(TINY), "--without-ray"]
     runs = f"s3://{s3_bucket}/runs"
-    output = ""
-    for run in ([f"storage.url={tmp_path}", "run_name=straight"],
-                [f"storage.url={runs}", "run_name=resumed", "train.stop_at_step=7", "checkpoint.at_end=false"],
-                [f"storage.url={runs}", "run_name=resumed"]):
-        result = subprocess.run([*torchrun, *(f"--set={o}" for o in overrides + run)], capture_output=True, text=True,
-                                cwd=REPO, timeout=600)
+    storage = {"resumed": runs, "straight": str(tmp_path)}
+
+    def command(run: str) -> list[str]:
+        return [*torchrun, *(f"--set={o}" for o in [*overrides, f"storage.url={storage[run]}", f"run_name={run}"])]
+
+    # The signalled run first, alone on the cores, so the straight run's time is not in its window.
+    with subprocess.Popen(command("resumed"), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                          cwd=REPO) as process:
+        output = ""
+        for line in process.stdout:
+            output += line
+            if line.startswith("step 40/44"):
+                process.send_signal(signal.SIGTERM)
+                break
+        output += process.stdout.read()
+        process.wait(timeout=120)
+    saved = re.search(r"signal: SIGTERM reached 2 rank\(s\): saving a checkpoint at step (\d+)", output)
+    assert saved, output[-3000:]
+    step = int(saved.group(1))
+    fs = s3fs.S3FileSystem(endpoint_url=s3_endpoint, skip_instance_cache=True)
+    marker = json.loads(fs.cat_file(f"{s3_bucket}/runs/resumed/checkpoints/step_{step:09d}/COMPLETE.json"))
+    assert step >= 41 and marker["step"] == step and marker["signal"] == "SIGTERM"
+    assert "checkpoint step 20 staged" in output and "uploading to" in output  # in the background
+    # Every rank returned 75 (rank 0 says so); torchrun, signalled itself, does not exit 0.
+    assert "stopped on SIGTERM at step" in output and "(exit code 75)" in output and process.returncode != 0, \
+        output[-3000:]
+    for run in ("resumed", "straight"):
+        result = subprocess.run(command(run), capture_output=True, text=True, cwd=REPO, timeout=600)
         assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
         output += result.stdout + result.stderr
-    fs = s3fs.S3FileSystem(endpoint_url=s3_endpoint, skip_instance_cache=True)
+    assert f"step {step}, epoch" in output and "saved on a signal notice" in output
     straight = read_metrics(tmp_path, "straight")["history"]
-    first = json.loads(fs.cat_file(f"{s3_bucket}/runs/resumed/metrics-step000000007.json"))["history"]
-    second = json.loads(fs.cat_file(f"{s3_bucket}/runs/resumed/metrics-step000000012.json"))["history"]
-    assert [h["step"] for h in first + second] == [*range(1, 8), *range(7, 13)]
-    assert [h["loss"] for h in first + second] == [h["loss"] for h in straight[:7] + straight[6:]]
-    assert f"resumed from {runs}/resumed/checkpoints/step_000000006: step 6" in output
-    assert f"checkpoint step 6 staged" in output and "uploading to" in output  # in the background
+    first = json.loads(fs.cat_file(f"{s3_bucket}/runs/resumed/metrics-step{step:09d}.json"))["history"]
+    second = json.loads(fs.cat_file(f"{s3_bucket}/runs/resumed/metrics-step000000044.json"))["history"]
+    assert [h["step"] for h in first + second] == list(range(1, 45))
+    assert [h["loss"] for h in first + second] == [h["loss"] for h in straight]
     # The EMA, kept per rank under ZeRO-3, resumed with the rest: the same averaged weights.
     from coatnet_scale.engine.consolidate import consolidate
 

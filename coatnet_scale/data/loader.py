@@ -28,6 +28,7 @@ import io
 import json
 import logging
 import random
+import signal
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -291,7 +292,17 @@ class StreamingLoader:
         # workers seed every batch themselves, so the base seed is unused.
         return DataLoader(stream, batch_size=None, num_workers=workers, persistent_workers=False,
                           prefetch_factor=4 if workers else None, multiprocessing_context="fork" if workers else None,
-                          generator=torch.Generator(), pin_memory=torch.cuda.is_available())  # async copies to a GPU
+                          generator=torch.Generator(), pin_memory=torch.cuda.is_available(),  # async copies to a GPU
+                          worker_init_fn=_leave_stop_signals_to_the_trainer if workers else None)
+
+
+def _leave_stop_signals_to_the_trainer(worker_id: int) -> None:
+    """In a loader worker: SIGTERM and SIGUSR1 reach the whole process group (torchrun's
+    shutdown, Slurm) and would kill it mid-epoch, which fails the step the trainer is finishing
+    to save on them (coatnet_scale/engine/interrupt.py). The trainer ends its workers itself; an
+    orphaned worker exits when it sees its parent gone."""
+    for number in (signal.SIGTERM, signal.SIGUSR1):
+        signal.signal(number, signal.SIG_IGN)
 
 
 def epoch_keys(spec: LoaderSpec, rank: int, world_size: int, epoch: int, phases: tuple[Phase, ...] = (),

@@ -4,9 +4,10 @@ Each step ends with one all-reduce of a few numbers per rank (the loop's only co
 own; the log line's sums ride on it): the loss, whether it is finite, whether the global
 gradient norm is finite, whether DeepSpeed applied the step (ZeRO-3 skips a step whose gradient
 norm is not finite, and only counts it), the images and corrupt samples read, and each rank's
-compute time in its own slot. So every rank reaches the same verdict at the same step. The
-same vector counts the ranks whose background checkpoint upload is done (engine/checkpoint.py),
-so the marker waits on no collective of its own.
+compute time in its own slot, and whether a stop signal reached it (engine/interrupt.py). So
+every rank reaches the same verdict at the same step. The same vector counts the ranks whose
+background checkpoint upload is done (engine/checkpoint.py), so the marker waits on no
+collective of its own.
 
 A skipped step is counted (`coatnet_skipped_steps_total`) and logged. A rollback comes on a
 non-finite loss, on `train.max_skipped_steps` skipped steps in a row, or on a spike: a loss
@@ -43,7 +44,7 @@ import torch.distributed as dist
 from coatnet_scale.engine import collectives
 from coatnet_scale.storage import url_to_fs, write_atomic
 
-FLAGS = 7  # loss, loss not finite, grad norm not finite, step not applied, corrupt samples, images, uploaded
+FLAGS = 8  # loss, loss not finite, grad norm not finite, step not applied, corrupt samples, images, uploaded, signalled
 
 
 class Rollback(Exception):
@@ -92,15 +93,16 @@ class Health:
         return self.skipped_in_a_row == 0
 
     def agree(self, step: int, loss: float, grad_norm, applied: bool, corrupt: int, images: int,
-              compute: float, uploaded: bool = False) -> dict:
-        """Collective, once per step. Returns the group's loss (mean), corrupt samples, images
-        and how many ranks said `uploaded` (their part of the checkpoint in flight is stored);
-        raises Rollback, or returns {"stopped": reason} when the run must stop."""
+              compute: float, uploaded: bool = False, signalled: bool = False) -> dict:
+        """Collective, once per step. Returns the group's loss (mean), corrupt samples, images,
+        how many ranks said `uploaded` (their part of the checkpoint in flight is stored) and how
+        many caught a stop signal; raises Rollback, or returns {"stopped": reason} when the run
+        must stop."""
         grad_finite = grad_norm is None or math.isfinite(float(grad_norm))
         slots = [0.0] * self.world_size
         slots[self.rank] = compute
         values = [loss if math.isfinite(loss) else 0.0, not math.isfinite(loss), not grad_finite, not applied, corrupt,
-                  images, uploaded, *slots]
+                  images, uploaded, signalled, *slots]
         agreed = collectives.all_reduce(torch.tensor(values, dtype=torch.float64, device=self.device)).tolist()
         self.monitor.computed(compute)
         self.compute = [total + seconds for total, seconds in zip(self.compute, agreed[FLAGS:])]
@@ -109,7 +111,7 @@ class Health:
             self._stragglers(step)
         loss_mean = agreed[0] / self.world_size
         result = {"loss": loss_mean if not agreed[1] else math.nan, "corrupt": int(agreed[4]), "images": int(agreed[5]),
-                  "uploaded": int(agreed[6])}
+                  "uploaded": int(agreed[6]), "signalled": int(agreed[7])}
         if agreed[1]:
             return self._trouble(step, f"the loss is not finite on {int(agreed[1])} rank(s)")
         if agreed[2] or agreed[3]:

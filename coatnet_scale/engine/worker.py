@@ -39,6 +39,7 @@ from coatnet_scale.engine.ema import ShardedEMA
 from coatnet_scale.engine.failures import FailureLog
 from coatnet_scale.engine.faults import Faults
 from coatnet_scale.engine.health import Health, Rollback, read_rollbacks
+from coatnet_scale.engine.interrupt import EXIT_RESUMABLE, Notices, signal_received
 from coatnet_scale.engine.monitor import start_training_monitor
 from coatnet_scale.engine.optim import group_weight_decays, lr_multiplier, param_groups
 from coatnet_scale.engine.placement import placement_problems
@@ -282,10 +283,12 @@ def describe(result: dict) -> str:
     return f"{text} ({result['samples']} images)"
 
 
-def train(config: Config, placement: Placement, report=None) -> dict:
+def train(config: Config, placement: Placement, report=None, preemption_info=None) -> dict:
     """The loop, on one rank of an initialised torch.distributed group. Returns the final
     figures (and hands them to `report` before monitoring lingers); a job that stopped
-    retrying a repeated error returns {"stopped": reason} without training."""
+    retrying a repeated error returns {"stopped": reason} without training; one that saved on
+    a stop signal returns them with "interrupted" (engine/interrupt.py). `preemption_info`:
+    ray.train.get_preemption_info under Ray."""
     # DeepSpeed calls torch.distributed APIs that warn on every collective.
     warnings.filterwarnings("ignore", category=FutureWarning, module=r"torch\.distributed")
     rank, world_size = placement.rank, placement.world_size
@@ -296,12 +299,14 @@ def train(config: Config, placement: Placement, report=None) -> dict:
         print(f"watchdog: a rank whose step takes over {config.train.hang_timeout_s:g} s (the first "
               f"{config.train.startup_timeout_s:g} s) dumps its stacks to {watchdog.url}/ and exits", flush=True)
     try:
-        return _attempts(config, placement, options, watchdog, report)
+        return _attempts(config, placement, options, watchdog, report,
+                         Notices(preemption_info, config.checkpoint.preemption_poll_steps))
     finally:
         watchdog.close()
 
 
-def _attempts(config: Config, placement: Placement, options: dict, watchdog: Watchdog, report) -> dict:
+def _attempts(config: Config, placement: Placement, options: dict, watchdog: Watchdog, report,
+              notices: Notices) -> dict:
     """Train, starting again from the newest complete checkpoint after each rollback."""
     rank, world_size = placement.rank, placement.world_size
     use_gpu = config.cluster.use_gpu
@@ -345,7 +350,7 @@ def _attempts(config: Config, placement: Placement, options: dict, watchdog: Wat
         while True:
             try:
                 final = _train(config, placement, device, checkpoints, tag, marker, report, progress, watchdog, nodes,
-                               faults, monitors)
+                               faults, monitors, notices)
                 break
             except Rollback:
                 checkpoints.discard()  # the rollback record names the newest marked checkpoint
@@ -377,7 +382,7 @@ def finished_report(config: Config, marker: dict | None) -> dict | None:
 
 def _train(config: Config, placement: Placement, device: torch.device, checkpoints: Checkpoints, tag: str | None,
            marker: dict | None, report, progress: dict, watchdog: Watchdog, nodes: list[str], faults: Faults,
-           monitors: list) -> dict:
+           monitors: list, notices: Notices) -> dict:
     rank, world_size = placement.rank, placement.world_size
     c = config.cluster
     plan = batch_plan(config.train, world_size, c.num_workers, c.min_workers or c.num_workers)
@@ -410,7 +415,9 @@ def _train(config: Config, placement: Placement, device: torch.device, checkpoin
                 _restore_hyperparameters(engine, scheduler, config, step)
             if rank == 0:
                 print(f"resumed from {checkpoints.url}/{tag}: step {step}, epoch {epoch}, batch {batch_in_epoch}"
-                      + (f", written by {marker['world_size']} workers, now {world_size}" if resized else ""), flush=True)
+                      + (f", written by {marker['world_size']} workers, now {world_size}" if resized else "")
+                      + "".join(f", saved on a {why} notice" for why in ("preemption", "signal") if why in marker),
+                      flush=True)
         else:
             torch.manual_seed(config.train.seed * 1000 + rank + 1)  # stochastic depth differs per rank
         progress["step"] = step
@@ -455,7 +462,7 @@ def _train(config: Config, placement: Placement, device: torch.device, checkpoin
             monitors.append(monitor)
         health.started(monitor)
         return _loop(config, placement, engine, scheduler, checkpoints, batches, validation, ema, monitor, health,
-                     watchdog, faults, group, step, report, progress)
+                     watchdog, faults, group, step, report, progress, notices)
     finally:
         release_engine(engine)
 
@@ -491,7 +498,7 @@ def release_engine(engine) -> None:
 
 def _loop(config: Config, placement: Placement, engine, scheduler, checkpoints: Checkpoints, batches: EpochBatches,
           validation, ema, monitor, health: Health, watchdog: Watchdog, faults: Faults, group: list, step: int,
-          report, progress: dict) -> dict:
+          report, progress: dict, notices: Notices) -> dict:
     rank, world_size = placement.rank, placement.world_size
     t = config.train
     device = health.device
@@ -499,7 +506,8 @@ def _loop(config: Config, placement: Placement, engine, scheduler, checkpoints: 
     last_metrics: dict = {}
     history: list[dict] = []
     window_start, window_steps, window_wait, window_images, corrupt = time.monotonic(), 0, 0.0, 0, 0
-    checkpoints.on_complete = lambda saved: _checkpoint_complete(saved, checkpoints.url, rank, health, monitor)
+    checkpoints.on_complete = lambda saved: _checkpoint_complete(saved, checkpoints.url, rank, health, monitor,
+                                                                  notices)
     while step < last_step:
         faults.hang(step + 1)
         started = time.monotonic()
@@ -511,7 +519,8 @@ def _loop(config: Config, placement: Placement, engine, scheduler, checkpoints: 
         # Every rank learns how the step went on all of them (one small all-reduce), and the
         # log line's sums come with it.
         agreed = health.agree(step, counts.loss, engine.get_global_grad_norm(), engine.was_step_applied(),
-                              counts.corrupt, counts.images, compute, checkpoints.uploaded())
+                              counts.corrupt, counts.images, compute, checkpoints.uploaded(),
+                              signal_received() is not None)
         if "stopped" in agreed:
             checkpoints.discard()
             if rank == 0:
@@ -555,7 +564,12 @@ def _loop(config: Config, placement: Placement, engine, scheduler, checkpoints: 
             watchdog.arm(t.hang_timeout_s)
             if rank == 0:
                 print(f"eval step {step}: {describe(result)}", flush=True)
-        due = step % config.checkpoint.every_steps == 0 or (step == last_step and config.checkpoint.at_end)
+        # A reclaim notice (Ray) or a stop signal (without Ray): save now (docs/elastic.md, "Preemption").
+        interrupted = _interruption(agreed["signalled"], notices.new(step), notices, step, rank)
+        if interrupted is not None and "preemption" in interrupted:
+            monitor.preempted()
+        due = (step % config.checkpoint.every_steps == 0 or (step == last_step and config.checkpoint.at_end)
+               or interrupted is not None)
         if due and not health.healthy:
             if rank == 0:
                 print(f"checkpoint step {step} not written: steps are being skipped", flush=True)
@@ -566,14 +580,20 @@ def _loop(config: Config, placement: Placement, engine, scheduler, checkpoints: 
                              "data_group": group}
             if ema is not None:
                 trainer_state["ema"] = ema.state_dict()
-            # The run's last save waits for its marker; others upload in the background (when on).
-            saved = checkpoints.save(engine, step, trainer_state, wait=step == last_step)
+            # The run's last save, and one on a notice or a signal, wait for their marker; others
+            # upload in the background (when on).
+            saved = checkpoints.save(engine, step, trainer_state, wait=step == last_step or interrupted is not None,
+                                     note=interrupted)
             watchdog.arm(t.hang_timeout_s)
             monitor.checkpoint_saved(saved.blocked, checkpoints.pending is not None)
             last_metrics["checkpoint_seconds"] = saved.blocked
             if rank == 0 and not saved.complete:
                 print(f"checkpoint step {step} staged in {saved.blocked:.2f}s; uploading to {checkpoints.url} in the "
                       f"background", flush=True)
+        if interrupted is not None and "signal" in interrupted:
+            monitor.linger_seconds = 0  # the signal's sender waits for this process to end
+            last_metrics["interrupted"] = interrupted["signal"]
+            break
     waited = time.monotonic()
     watchdog.arm(t.startup_timeout_s)  # an upload may outlast a step's timeout
     checkpoints.wait()  # a periodic save still in flight (checkpoint.at_end off) gets its marker
@@ -600,13 +620,33 @@ def _loop(config: Config, placement: Placement, engine, scheduler, checkpoints: 
     return final
 
 
-def _checkpoint_complete(saved, url: str, rank: int, health: Health, monitor) -> None:
-    """A checkpoint's marker is written: rollbacks now go to it; its step and age are monitored."""
+def _checkpoint_complete(saved, url: str, rank: int, health: Health, monitor, notices: Notices) -> None:
+    """A checkpoint's marker is written: rollbacks now go to it; its step and age are monitored;
+    a reclaim notice's deadline is judged against its time (staging and upload: at most what a
+    save that waits takes)."""
     health.saved(saved.step, saved.tag)
     monitor.checkpoint_complete(saved.step, saved.upload_seconds)
+    notices.last_save_s = saved.blocked + saved.upload_seconds
     if rank == 0:
         print(f"checkpoint step {saved.step} saved to {url}: the loop blocked {saved.blocked:.2f}s, rank 0 stored its "
-              f"files in {saved.upload_seconds:.2f}s", flush=True)
+              f"files in {saved.upload_seconds:.2f}s" + (f" ({', '.join(saved.note)})" if saved.note else ""), flush=True)
+
+
+def _interruption(signalled: int, notice: dict | None, notices: Notices, step: int, rank: int) -> dict | None:
+    """What the marker of a checkpoint saved now records, or None: {"signal": NAME} when a stop
+    signal reached any rank (this step's all-reduce says so), {"preemption": notice} on a new
+    reclaim notice. Rank 0 logs it."""
+    if signalled:
+        name = signal_received() or "SIGTERM/SIGUSR1"  # a rank that caught none names what others caught
+        if rank == 0:
+            print(f"signal: {name} reached {signalled} rank(s): saving a checkpoint at step {step} and exiting "
+                  f"(code {EXIT_RESUMABLE}); the same command resumes", flush=True)
+        return {"signal": name}
+    if notice is not None:
+        if rank == 0:
+            print(notices.describe(notice, step), flush=True)
+        return {"preemption": notice}
+    return None
 
 
 def train_worker(loop_config: dict) -> None:
@@ -618,7 +658,7 @@ def train_worker(loop_config: dict) -> None:
     runtime = ray.get_runtime_context()
     placement = Placement(context.get_world_rank(), context.get_world_size(), context.get_local_rank(),
                           node=runtime.get_node_id(), job=ray_job_key())
-    train(loop_config["config"], placement, report=ray.train.report)
+    train(loop_config["config"], placement, report=ray.train.report, preemption_info=ray.train.get_preemption_info)
 
 
 def ray_job_key() -> str:
