@@ -184,6 +184,11 @@ def part_engine(sizes: Sizes, device, work: Path, corpus: str, peak_flops: float
     _, resumed = run_engine(config)
     result["resumed_loss_at_last_step"] = resumed[-1]["loss"]
     result["resume_bit_identical"] = resumed[-1]["loss"] == history[-1]["loss"] and resumed[-1]["step"] == sizes.steps
+    # Two engines were built and released in this process: ZeRO-3's global module stack must hold
+    # neither (it kept every model, and grew every step, before engine.worker.release_engine).
+    from deepspeed.runtime.zero.parameter_offload import FWD_MODULE_STACK
+
+    result["modules_left_on_zero3_stack"] = len(FWD_MODULE_STACK)
     start = time.monotonic()
     checkpoint = f"{config.storage.url}/{config.run_name}/checkpoints/{tag_for(sizes.steps - 1)}"
     out = work / "engine.safetensors"

@@ -21,6 +21,7 @@ def test_gpu_proof_smoke(tmp_path):
     engine, baselines, largest = report["engine"], report["baselines"], report["largest"]
     assert engine["images_per_second"] > 0 and engine["forward_flops_per_image"] > engine["recomputed_flops_per_image"] > 0
     assert engine["resume_bit_identical"] is True  # the resumed run took the last step again, to the bit
+    assert engine["modules_left_on_zero3_stack"] == 0  # both engines released, the stack trimmed every step
     assert engine["export_bytes"] > 1_000_000  # ~1.2M fp32 parameters
     assert baselines["plain_images_per_second"] > 0 and baselines["profile"]
     assert largest["micro_batch"] >= 1 and largest["images_per_second"] > 0
