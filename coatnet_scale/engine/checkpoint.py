@@ -222,8 +222,9 @@ class Checkpoints:
         start = time.monotonic()
         current = self.pending
         self._commit(current, barrier=False)
-        current.blocked += time.monotonic() - start
-        self.blocked_seconds += time.monotonic() - start
+        blocked = time.monotonic() - start
+        current.blocked += blocked
+        self.blocked_seconds += blocked
         self._completed(current)
         return current
 

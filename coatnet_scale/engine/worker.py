@@ -467,11 +467,15 @@ def _train(config: Config, placement: Placement, device: torch.device, checkpoin
         release_engine(engine)
 
 
-def _module_stack() -> list:
-    """ZeRO-3's global stack of modules in forward (the model at its bottom)."""
+def _pop_module_stack(engine, keep_model: bool) -> None:
+    """Takes off ZeRO-3's global stack of modules in forward what sits above the engine's model
+    (at its bottom), and the model too unless `keep_model`."""
     from deepspeed.runtime.zero import parameter_offload
 
-    return getattr(parameter_offload, "FWD_MODULE_STACK", [])
+    stack = getattr(parameter_offload, "FWD_MODULE_STACK", [])
+    bottom = next((i for i, m in enumerate(stack) if m is engine.module), None)
+    if bottom is not None:
+        del stack[bottom + keep_model:]
 
 
 def trim_module_stack(engine) -> None:
@@ -479,10 +483,7 @@ def trim_module_stack(engine) -> None:
     recompute stops early (torch's early stop), so the modules it pushed are never popped: the
     stack grew by about three modules per checkpointed block per step, and DeepSpeed registers
     a dangling parameter on the module at its top."""
-    stack = _module_stack()
-    bottom = [i for i, m in enumerate(stack) if m is engine.module]
-    if bottom:
-        del stack[bottom[-1] + 1:]
+    _pop_module_stack(engine, keep_model=True)
 
 
 def release_engine(engine) -> None:
@@ -490,10 +491,7 @@ def release_engine(engine) -> None:
     (gpu_proof), kept a whole engine on the device (measured on an H200: 5-11 GiB of CoAtNet-5
     per run): its hooks hold it, and ZeRO-3 leaves the model at the bottom of its module stack."""
     engine.destroy()
-    stack = _module_stack()
-    bottom = [i for i, m in enumerate(stack) if m is engine.module]
-    if bottom:
-        del stack[bottom[0]:]
+    _pop_module_stack(engine, keep_model=False)
 
 
 def _loop(config: Config, placement: Placement, engine, scheduler, checkpoints: Checkpoints, batches: EpochBatches,
@@ -622,11 +620,11 @@ def _loop(config: Config, placement: Placement, engine, scheduler, checkpoints: 
 
 def _checkpoint_complete(saved, url: str, rank: int, health: Health, monitor, notices: Notices) -> None:
     """A checkpoint's marker is written: rollbacks now go to it; its step and age are monitored;
-    a reclaim notice's deadline is judged against its time (staging and upload: at most what a
-    save that waits takes)."""
+    a reclaim notice's deadline is judged against its time, staging and upload (a save that
+    waited blocked for both; a background one, for its staging and commit only)."""
     health.saved(saved.step, saved.tag)
     monitor.checkpoint_complete(saved.step, saved.upload_seconds)
-    notices.last_save_s = saved.blocked + saved.upload_seconds
+    notices.last_save_s = saved.blocked + (saved.upload_seconds if saved.thread is not None else 0.0)
     if rank == 0:
         print(f"checkpoint step {saved.step} saved to {url}: the loop blocked {saved.blocked:.2f}s, rank 0 stored its "
               f"files in {saved.upload_seconds:.2f}s" + (f" ({', '.join(saved.note)})" if saved.note else ""), flush=True)
