@@ -30,13 +30,17 @@ class PreflightError(RuntimeError):
 
 
 class JobStopped(RuntimeError):
-    """The worker group stopped retrying an error that repeated with no progress."""
+    """The run stopped on purpose (run health, an error that repeated with no progress); it
+    stays stopped (engine/failures.py)."""
 
 
 def check_inputs(config: Config) -> None:
     """Data manifests readable and storage writable, before any worker starts."""
     from coatnet_scale.data import load_manifest
+    from coatnet_scale.models import unknown_model
 
+    if unknown_model(config.model.name):
+        raise PreflightError(f"model.name: {unknown_model(config.model.name)}")
     warn_elastic_sizes(config)
     options = storage_options(config.storage)
     demo_manifest = absolute(f"{DEMO_DIR}/train/manifest.json")
@@ -380,8 +384,13 @@ def launch(config: Config, command: str, without_ray: bool = False) -> int:
         print(f"{command}: {e}", file=sys.stderr)
         return 2
     except JobStopped as e:
-        print(f"{command}: {config.run_name} stopped: {e}", file=sys.stderr)
-        return 1
+        from coatnet_scale.engine.failures import OVERRIDE
+        from coatnet_scale.engine.interrupt import EXIT_STOPPED
+
+        if OVERRIDE not in str(e):
+            e = f"{e}; it stays stopped: a rerun refuses to start until run once with --set {OVERRIDE}=true"
+        print(f"{command}: {config.run_name} stopped: {e} (exit code {EXIT_STOPPED})", file=sys.stderr)
+        return EXIT_STOPPED
     final = metrics.get("final", {})
     summary = ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in final.items())
     print(f"{command}: {config.run_name} finished: {summary}")

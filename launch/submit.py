@@ -41,6 +41,7 @@ def checked_command(command: str, arguments: list[str], working_dir: bool = True
     or holds a secret. A config inside this checkout is named relative to it (the job runs in a
     copy of it); relative local data, storage and --init paths are made absolute."""
     from coatnet_scale.config import ConfigError, load_config
+    from coatnet_scale.models import unknown_model
     from coatnet_scale.pretrain import absolute
 
     parser = argparse.ArgumentParser(prog=f"submit.py -- {command}", add_help=False)
@@ -57,6 +58,9 @@ def checked_command(command: str, arguments: list[str], working_dir: bool = True
     except (ConfigError, ValueError) as e:
         print(f"submit: config error:\n{e}", file=sys.stderr)
         raise SystemExit(2) from None
+    if unknown_model(config.model.name):
+        print(f"submit: config error:\nmodel.name: {unknown_model(config.model.name)}", file=sys.stderr)
+        raise SystemExit(2)
     secrets = [k for k in ("access_key_id", "secret_access_key", "session_token") if getattr(config.storage, k)]
     if secrets:
         raise SystemExit(f"submit: {known.config}: storage.{secrets[0]} is set; a submitted config is uploaded to the "

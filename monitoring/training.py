@@ -14,6 +14,7 @@ on counters. The worker calls a few cheap methods (a lock and an add each, micro
     monitor.evaluated(result)
     monitor.checkpoint_saved(blocked_seconds, in_flight)   # the loop staged a save (upload maybe still going)
     monitor.checkpoint_complete(step, upload_seconds)      # its marker is written: it counts
+    monitor.checkpoint_failed()              # a save dropped on every rank: a rank could not store its files
     monitor.preempted()                      # a preemption notice or signal reached this worker
     monitor.close()                          # linger, stop serving, withdraw the targets
 
@@ -101,6 +102,8 @@ class TrainingMonitor:
                                         "marker is not done yet (0 or 1)").labels(**labels)
         self.checkpoint_step = gauge("coatnet_checkpoint_last_step", "Step of the newest complete (marked) checkpoint").labels(**labels)
         self.checkpoint_time = gauge("coatnet_checkpoint_last_timestamp_seconds", "Unix time the newest complete (marked) checkpoint was written").labels(**labels)
+        self.checkpoint_failures = counter("coatnet_checkpoint_failed_saves_total", "Checkpoint saves dropped because a "
+                                           "rank could not store its files (every rank counts each; no marker written)")
         self.preemptions = counter("coatnet_preemption_notices_total", "Preemption notices (Ray) and signals (SIGTERM, SIGUSR1) this worker acted on")
         self.restarts = counter("coatnet_worker_group_restarts_total", "Times Ray Train restarted the worker group in this job")
         # run health (coatnet_scale/engine/health.py)
@@ -181,6 +184,11 @@ class TrainingMonitor:
                 self.top1.labels(**self.labels, weights=weights).set(result[f"{prefix}top1"])
                 self.top5.labels(**self.labels, weights=weights).set(result[f"{prefix}top5"])
         self.restart_clock()
+
+    def checkpoint_failed(self) -> None:
+        """A save was dropped on every rank: some rank's upload failed. The next save tries again."""
+        self.checkpoint_failures.inc()
+        self.checkpoint_uploads.set(0)
 
     def checkpoint_saved(self, blocked_seconds: float, in_flight: bool) -> None:
         """The loop is back from a save: it blocked this long; its upload may go on."""

@@ -209,7 +209,7 @@ def _background_saves(rank: int, folder: str, port: int, out: str) -> None:
     first = checkpoints.save(engine, 2, {"step": 2})
     staged = {"complete": first.complete, "blocked": first.blocked}
     while True:  # step boundaries
-        mine = checkpoints.uploaded()
+        mine = checkpoints.upload_state() == "stored"
         tensor = torch.tensor([float(mine)], dtype=torch.float64)
         dist.all_reduce(tensor)
         done = int(tensor.item())
@@ -250,6 +250,132 @@ def test_background_upload_marks_only_after_every_rank_and_keeps_one_in_flight(t
     marker = json.loads((tmp_path / "checkpoints" / tag_for(6) / MARKER).read_text())
     assert marker["files"] == sorted([f"zero_pp_rank_{r}_mp_rank_00_optim_states.pt" for r in (0, 1)] + [
         f"trainer_state_rank{r}.pt" for r in (0, 1)])
+
+
+def _failed_saves(rank: int, url: str, port: int, out: str, endpoint: str) -> None:
+    """One rank of two saving to S3 in the background; rank 1's upload of step 2 fails for real
+    (the failupload fault: the store refuses a write). Each step boundary the ranks all-reduce
+    their upload states, as health.agree does, and act on the group's verdict."""
+    import os
+
+    import torch
+    import torch.distributed as dist
+
+    from coatnet_scale.engine.faults import Faults
+    from coatnet_scale.engine.health import upload_outcome
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), COATNET_SCALE_FAULT="failupload@step=2,rank=1")
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+    options = {"endpoint_url": endpoint}
+    checkpoints = Checkpoints(f"{url}/checkpoints", options, keep=2, rank=rank, world_size=2, async_upload=True,
+                              faults=Faults(url, options, rank))
+    failed, completed = [], []
+    checkpoints.on_failed = lambda saved, errors: failed.append([saved.step, errors])
+    checkpoints.on_complete = lambda saved: completed.append(saved.step)
+    verdicts = []
+    for step in (2, 4):
+        checkpoints.save(StagingEngine(rank), step, {"step": step})
+        while checkpoints.pending is not None:  # step boundaries
+            state = checkpoints.upload_state()
+            counts = torch.tensor([state == "stored", state == "failed"], dtype=torch.float64)
+            dist.all_reduce(counts)
+            verdict = upload_outcome(int(counts[0]), int(counts[1]), state != "none", 2)
+            verdicts.append([step, verdict])
+            if verdict == "stored":
+                checkpoints.commit()
+            elif verdict == "failed":
+                checkpoints.drop()
+                after_drop = checkpoints.fs.exists(f"{checkpoints.root}/{tag_for(2)}")
+    checkpoints.wait()
+    with open(f"{out}/{rank}.json", "w") as f:
+        json.dump({"failed": failed, "completed": completed, "verdicts": verdicts, "after_drop": after_drop,
+                   "in_a_row": checkpoints.failed_in_a_row, "failed_saves": checkpoints.failed_saves}, f)
+    dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_one_ranks_upload_error_drops_the_save_on_every_rank(s3_endpoint, s3_bucket, tmp_path, unused_tcp_port):
+    """Rank 1's upload of step 2 fails against S3: no rank hangs or raises; at the same step
+    boundary both drop the save (its files removed, no marker), rank 1 and its error named;
+    the save at step 4 completes and resets the count of failed saves in a row."""
+    import torch.multiprocessing as mp
+
+    import s3fs
+
+    url = f"s3://{s3_bucket}/run"
+    mp.spawn(_failed_saves, args=(url, unused_tcp_port, str(tmp_path), s3_endpoint), nprocs=2)
+    zero, one = (json.loads((tmp_path / f"{r}.json").read_text()) for r in (0, 1))
+    assert zero["verdicts"] == one["verdicts"] and ([2, "failed"] in zero["verdicts"])
+    ((step, errors),) = zero["failed"]
+    assert step == 2 and one["failed"] == zero["failed"] and [r for r, _ in errors] == [1]
+    assert errors[0][1] == "FileNotFoundError: The specified bucket does not exist"  # S3's own answer
+    assert zero["after_drop"] is False and zero["completed"] == one["completed"] == [4]
+    assert zero["in_a_row"] == 0 and zero["failed_saves"] == 1
+    fs = s3fs.S3FileSystem(endpoint_url=s3_endpoint, skip_instance_cache=True)
+    assert not fs.exists(f"{s3_bucket}/run/checkpoints/{tag_for(2)}")
+    assert fs.exists(f"{s3_bucket}/run/checkpoints/{tag_for(4)}/{MARKER}")
+
+
+def test_a_rollback_waits_for_a_stalled_upload_only_so_long(s3_endpoint, s3_bucket, monkeypatch):
+    """The rollback's discard of a save whose upload to S3 stalls (slowupload: 4 s after its
+    first file) returns after its bound, and the upload stores no further file."""
+    import time
+
+    from coatnet_scale.engine.faults import Faults
+
+    monkeypatch.setenv("COATNET_SCALE_FAULT", "slowupload@step=2,seconds=4")
+    url, options = f"s3://{s3_bucket}/run", {"endpoint_url": s3_endpoint}
+    checkpoints = Checkpoints(f"{url}/checkpoints", options, keep=1, rank=0, world_size=1, async_upload=True,
+                              faults=Faults(url, options, 0))
+    checkpoints.save(StagingEngine(0), 2, {"step": 2})
+    while not checkpoints.fs.exists(f"{url}/health/faults/slowupload-step2-rank0.json"):
+        time.sleep(0.1)  # the upload is in its pause after the first file
+    started = time.monotonic()
+    checkpoints.discard(timeout_s=0.5)
+    assert time.monotonic() - started < 2 and checkpoints.pending is None
+    time.sleep(5)  # the pause ends: nothing more is stored
+    stored = [p.rsplit("/", 1)[-1] for p in checkpoints.fs.ls(f"{checkpoints.root}/{tag_for(2)}", refresh=True)]
+    assert stored == ["trainer_state_rank0.pt"]  # the first of its two files only
+
+
+def test_staging_left_by_a_dead_process_is_removed(tmp_path):
+    import subprocess
+    import sys
+
+    from coatnet_scale.engine.checkpoint import clean_stale_staging
+
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead = tmp_path / f"coatnet_scale_ckpt_rank0_pid{gone.stdout.strip()}_x1"
+    live = tmp_path / f"coatnet_scale_ckpt_rank1_pid{__import__('os').getpid()}_x2"
+    for folder in (dead, live):
+        (folder / "step_000000002").mkdir(parents=True)
+        (folder / "step_000000002" / "zero_pp_rank_0_mp_rank_00_optim_states.pt").write_bytes(b"x")
+    (tmp_path / "unrelated").mkdir()
+    assert clean_stale_staging(str(tmp_path)) == [dead.name]
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([live.name, "unrelated"])
+    # What the checkpoints stage names itself by: this process's id.
+    assert Checkpoints(str(tmp_path / "s"), {}, keep=1, rank=3, world_size=4)._staging_prefix() == \
+        f"coatnet_scale_ckpt_rank3_pid{__import__('os').getpid()}_"
+
+
+def test_pruning_removes_the_marker_before_the_files(tmp_path):
+    """A removal that stops half-way (here: the process dies in it) must leave an incomplete
+    checkpoint, never a complete-looking one with files missing."""
+    make_checkpoint(tmp_path, 100)
+    make_checkpoint(tmp_path, 200)
+    checkpoints = Checkpoints(str(tmp_path), {}, keep=1, rank=0, world_size=1)
+    removed = []
+    real_rm = checkpoints.fs.rm
+
+    def rm_then_die(path, recursive=False, **kwargs):
+        removed.append(path.rsplit("/", 1)[-1])
+        real_rm(path, recursive=recursive, **kwargs)
+        raise KeyboardInterrupt  # the first removal done, the process gone
+
+    checkpoints.fs.rm = rm_then_die
+    with pytest.raises(KeyboardInterrupt):
+        checkpoints._prune()
+    assert removed == [MARKER] and checkpoints.complete() == [(200, tag_for(200))]
 
 
 @pytest.mark.slow

@@ -68,8 +68,15 @@ def test_out_of_range_value(tmp_path):
 
 
 def test_unknown_model_suggests_registered_name(tmp_path):
-    with pytest.raises(ConfigError, match=r"model\.name: unknown model; did you mean coatnet_7\?"):
-        load_config(write(tmp_path, "model:\n  name: coatnet_8\n"))
+    """The registry (models, above config in the layers) names the problem; the launchers'
+    preflight and create_model ask it (test_pretrain.py runs the preflight)."""
+    from coatnet_scale.models import create_model, unknown_model
+
+    name = load_config(write(tmp_path, "model:\n  name: coatnet_8\n")).model.name
+    assert unknown_model(name).startswith("unknown model; did you mean coatnet_7? registered: coatnet_pico")
+    assert unknown_model("coatnet_7") is None
+    with pytest.raises(ValueError, match=r"model\.name 'coatnet_8': unknown model; did you mean coatnet_7\?"):
+        create_model(name, 10, 32)
 
 
 def test_all_errors_reported_at_once(tmp_path):

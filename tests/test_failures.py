@@ -16,8 +16,15 @@ def test_the_same_error_twice_from_the_same_checkpoint_stops(tmp_path):
     _, stop = log.start("step_000000100", rank=0, nodes=["node-a"])
     assert stop is not None and "KeyError: 'model.head'" in stop and "checkpoint step_000000100" in stop
     assert log.stopped() == stop  # what the driver reads and prints
-    # Another job (the command run again after a fix) starts with a clean record.
-    assert FailureLog(str(tmp_path), {}, "job2").start("step_000000100", 0, ["node-a"])[1] is None
+    # Another job (a requeue, or the command run again) refuses, naming the reason and the switch,
+    # under any launcher; the switch sets the record aside once.
+    for job in ("job2", None):
+        refusal = FailureLog(str(tmp_path), {}, job).start("step_000000100", 0, ["node-a"])[1]
+        assert refusal.startswith("refusing to start: the run was stopped on purpose at ") and \
+            refusal.endswith("run the command once with --set train.override_stop=true") and stop in refusal
+    assert FailureLog(str(tmp_path), {}, "job2").start("step_000000100", 0, ["node-a"], override=True)[1] is None
+    assert FailureLog(str(tmp_path), {}, "job3").start("step_000000100", 0, ["node-a"])[1] is None
+    assert len(list(tmp_path.glob("STOPPED-overridden-*.json"))) == 1
 
 
 def test_progress_a_changed_group_or_another_error_goes_on(tmp_path):

@@ -11,14 +11,14 @@ PACKAGES = ("coatnet_scale", "dataprep", "monitoring", "launch")
 
 # Longest prefix wins. Within a layer each component imports only itself (data ≠ dataprep).
 LAYERS = {
-    "coatnet_scale.storage": 0, "coatnet_scale.shard_format": 0, "coatnet_scale.batch": 0,
-    "coatnet_scale.models": 0, "monitoring": 0,
+    "coatnet_scale.storage": 0, "coatnet_scale.shard_format": 0, "coatnet_scale.batch": 0, "monitoring": 0,
     "coatnet_scale.config": 1,
-    "coatnet_scale.data": 2, "dataprep": 2, "coatnet_scale.plan_checkpointing": 2,
-    "coatnet_scale.plan": 3,
-    "coatnet_scale.engine": 4,
-    "coatnet_scale": 5, "coatnet_scale.models.__main__": 5, "coatnet_scale.data.__main__": 5,
-    "launch": 6,
+    "coatnet_scale.models": 2,
+    "coatnet_scale.data": 3, "dataprep": 3, "coatnet_scale.plan_checkpointing": 3,
+    "coatnet_scale.plan": 4,
+    "coatnet_scale.engine": 5,
+    "coatnet_scale": 6, "coatnet_scale.models.__main__": 6, "coatnet_scale.data.__main__": 6,
+    "launch": 7,
 }
 
 

@@ -25,9 +25,20 @@ DeepSpeed's default engine writes synchronously and ends with a barrier). Hashin
 (or the fsync, on local storage) then run in a thread of each rank, one save in flight: a new
 save first waits for the previous one and commits it. The loop learns that every rank's upload
 is done from the per-step all-reduce it already makes (engine/health.py carries each rank's
-`uploaded()`), and then calls `commit`: one gather of the digests, rank 0 writes the marker.
+`upload_state()`), and then calls `commit`: one gather of the digests, rank 0 writes the marker.
 `save(..., wait=True)` and `wait()` return only once the marker is written: the final save and
 the preemption saves use them. `on_complete(save)` is called on every rank for each marker.
+
+A failed upload (one rank's storage error) is a dropped save, never a hang: each rank reports
+its upload as pending, stored or failed in that same all-reduce, and on "failed" every rank
+calls `drop` at the same step: the files are removed, no marker is written, `on_failed(save,
+errors)` is told (the loop logs each failing rank and its error, and counts it), and the next
+save tries again. `failed_in_a_row` counts dropped saves since the last marker; the loop stops
+the run at `checkpoint.max_failed_saves`. A save that waits (`wait`, `save(wait=True)`) learns
+of every rank's error in the commit's gather, so it too is dropped on every rank at once.
+
+Staging folders are named by the process that made them; `clean_stale_staging` removes those
+whose process is gone (a crash mid-save), at the start of a run.
 """
 from __future__ import annotations
 
@@ -52,6 +63,8 @@ from fsspec.implementations.local import LocalFileSystem
 from coatnet_scale.storage import file_sha256, url_to_fs, write_atomic
 
 MARKER = "COMPLETE.json"
+STAGING = "coatnet_scale_ckpt_"  # + rank{r}_pid{pid}_: a temporary folder of one process
+DISCARD_WAIT_S = 30.0  # how long a rollback waits for the abandoned save's upload to stop
 UNIVERSAL = "universal"  # {checkpoints}/universal/step_N: step_N in DeepSpeed's universal format
 
 
@@ -70,8 +83,9 @@ class Save:
     upload_seconds: float = 0.0  # this rank's hashing and upload (its fsync, on local storage)
     complete: bool = False  # the marker is written
     digests: dict = field(default_factory=dict)  # this rank's files' sha256
-    error: BaseException | None = None  # the upload's, raised in the loop's thread
+    error: BaseException | None = None  # the upload's, reported to every rank by the loop's all-reduce
     thread: threading.Thread | None = None
+    cancelled: bool = False  # dropped or discarded: the upload stores no further file
 
 
 class Checkpoints:
@@ -95,13 +109,19 @@ class Checkpoints:
         self.blocked_seconds, self.saves = 0.0, 0  # totals over this process's saves
         self._pruning: threading.Thread | None = None
         self._last: Save | None = None  # the newest completed save
+        self.on_failed: Callable[[Save, list[tuple[int, str]]], None] | None = None  # told of each dropped save
+        self.failed_in_a_row, self.failed_saves = 0, 0  # dropped saves since the last marker, and in all
+        self._abandoned: list[threading.Thread] = []  # uploads still running after a bounded discard
 
     def _staging(self):
         """Where this rank writes or reads before an upload or after a download: the store
         itself when local, else a temporary folder removed when the operation ends."""
         if self.local:
             return contextlib.nullcontext(self.root)
-        return tempfile.TemporaryDirectory(prefix=f"coatnet_scale_ckpt_rank{self.rank}_")
+        return tempfile.TemporaryDirectory(prefix=self._staging_prefix())
+
+    def _staging_prefix(self) -> str:
+        return f"{STAGING}rank{self.rank}_pid{os.getpid()}_"
 
     # -- discovery -----------------------------------------------------------------------
 
@@ -150,15 +170,18 @@ class Checkpoints:
         start = time.monotonic()
         if self.pending is not None and self.pending.step == step:
             if wait:
-                self.wait()
-            return self.pending or self._last
+                return self.wait() or Save(step, tag_for(step), note or {})  # dropped: not complete
+            return self.pending
         self.wait()
+        for thread in self._abandoned:  # a discarded upload still running must not write into this save
+            thread.join()
+        self._abandoned = []
         current = Save(step, tag_for(step), note or {})
         if self.local:
             self.fs.makedirs(self.root, exist_ok=True)
             save_dir = self.root
         else:  # kept until the upload ends
-            save_dir = tempfile.mkdtemp(prefix=f"coatnet_scale_ckpt_rank{self.rank}_")
+            save_dir = tempfile.mkdtemp(prefix=self._staging_prefix())
         written = os.path.join(save_dir, current.tag)
         try:
             engine.save_checkpoint(save_dir, tag=current.tag, save_latest=False)
@@ -177,10 +200,9 @@ class Checkpoints:
             self.blocked_seconds += current.blocked
             return current
         self._upload(current, save_dir, written)
-        self._commit(current, barrier=True)
+        self._settle(current, barrier=True)
         current.blocked = time.monotonic() - start
         self.blocked_seconds += current.blocked
-        self._completed(current)
         return current
 
     def _upload(self, current: Save, save_dir: str, written: str) -> None:
@@ -190,7 +212,12 @@ class Checkpoints:
         try:
             mine = sorted(name for name in os.listdir(written) if self._own(name))
             for name in mine:
+                if current.cancelled:
+                    return
                 current.digests[name] = file_sha256(os.path.join(written, name))
+                if self.faults is not None and name == mine[0] and self.faults.fail_upload(current.step):
+                    # A real storage error: the store refuses a destination no one can write.
+                    self.fs.put_file(os.path.join(written, name), f"/proc/coatnet_scale_failupload/{name}")
                 if not self.local:
                     self.fs.put_file(os.path.join(written, name), f"{self.root}/{current.tag}/{name}")
                 if self.faults is not None and name == mine[0]:
@@ -204,32 +231,41 @@ class Checkpoints:
                 shutil.rmtree(save_dir, ignore_errors=True)
             current.upload_seconds = time.monotonic() - started
 
-    def uploaded(self) -> bool:
-        """Whether this rank's part of the save in flight is stored (not collective: the loop
-        carries it in its per-step all-reduce). Raises the upload's error."""
+    def upload_state(self) -> str:
+        """This rank's part of the save in flight: "none" (no save in flight), "pending",
+        "stored" or "failed". Not collective (the loop carries it in its per-step all-reduce),
+        and never raises: a rank that raised here would leave the others in that all-reduce."""
         current = self.pending
-        if current is None or (current.thread is not None and current.thread.is_alive()):
-            return False
-        if current.error is not None:
-            raise RuntimeError(f"checkpoint {self.url}/{current.tag}: rank {self.rank} could not store its files: "
-                               f"{type(current.error).__name__}: {current.error}") from current.error
-        return True
+        if current is None:
+            return "none"
+        if current.thread is not None and current.thread.is_alive():
+            return "pending"
+        return "failed" if current.error is not None else "stored"
 
-    def commit(self) -> Save:
-        """Collective, once every rank's `uploaded()` is true (the loop learns it from its
-        per-step all-reduce, so no rank waits here for another's upload): rank 0 writes the
-        marker. Returns the completed save."""
+    def commit(self) -> Save | None:
+        """Collective, once every rank's upload is stored (the loop learns it from its per-step
+        all-reduce, so no rank waits here for another's upload): rank 0 writes the marker.
+        Returns the completed save (None if a rank's files turned out missing: dropped)."""
         start = time.monotonic()
         current = self.pending
-        self._commit(current, barrier=False)
+        complete = self._settle(current, barrier=False)
         blocked = time.monotonic() - start
         current.blocked += blocked
         self.blocked_seconds += blocked
-        self._completed(current)
-        return current
+        return current if complete else None
+
+    def drop(self) -> None:
+        """Collective, when the loop's all-reduce says a rank's upload failed: every rank stops
+        its own upload (waiting at most DISCARD_WAIT_S), the save's files are removed and no
+        marker is written; `on_failed` is told who failed and why."""
+        current = self.pending
+        if current is not None:
+            self._stop_upload(current, DISCARD_WAIT_S)
+            self._settle(current, barrier=True)
 
     def wait(self) -> Save | None:
-        """Collective: wait for the save in flight, if any, and commit it; returns it, complete.
+        """Collective: wait for the save in flight, if any, and commit it; returns it, complete,
+        or None when there was none or a rank failed to store its files (the save is dropped).
         What a caller that must know the checkpoint is complete calls (the end of a run, a
         preemption or signal save: or `save(..., wait=True)`). Its time is the caller's to count:
         it is not added to the save's `blocked` (the loop's stall while training goes on)."""
@@ -241,25 +277,60 @@ class Checkpoints:
             return None
         if current.thread is not None:
             current.thread.join()
-        self._commit(current, barrier=True)
-        self._completed(current)
-        return current
+        return current if self._settle(current, barrier=True) else None
 
-    def discard(self) -> None:
+    def discard(self, timeout_s: float = DISCARD_WAIT_S) -> None:
         """Forget the save in flight without a marker (a rollback: the run goes back to the
-        checkpoint its record names). Waits for the upload thread, so that it writes no more."""
-        if self.pending is not None and self.pending.thread is not None:
-            self.pending.thread.join()
+        checkpoint its record names). Its upload stores no further file; it is waited for at
+        most `timeout_s` here (a rollback must not stall on a slow store), and before the next
+        save otherwise."""
+        if self.pending is not None:
+            self._stop_upload(self.pending, timeout_s)
         self.pending = None
 
-    def _commit(self, current: Save, barrier: bool) -> None:
-        self.uploaded()  # this rank's upload error, if any
-        # The files are the ones every rank reported storing, not a listing (which a shared
-        # filesystem with attribute caching may show rank 0 incompletely).
-        everyone = [current.digests]
+    def _stop_upload(self, current: Save, timeout_s: float) -> None:
+        current.cancelled = True
+        if current.thread is not None:
+            current.thread.join(timeout_s)
+            if current.thread.is_alive():
+                print(f"rank {self.rank}: the upload of {self.url}/{current.tag} still runs after {timeout_s:g} s; "
+                      f"going on (it stores no further file, and no marker ever names it)", flush=True)
+                self._abandoned.append(current.thread)
+
+    def _settle(self, current: Save, barrier: bool) -> bool:
+        """Collective: every rank's digests and upload error gathered; the marker written when
+        no rank failed, else the save dropped on every rank. Returns whether it is complete."""
+        error = None if current.error is None else f"{type(current.error).__name__}: {current.error}"
+        if current.cancelled and error is None and current.thread is not None and current.thread.is_alive():
+            error = "its upload was stopped (another rank failed)"
+        everyone = [(current.digests, error)]
         if self.world_size > 1:
             everyone = [None] * self.world_size
-            dist.all_gather_object(everyone, current.digests)
+            dist.all_gather_object(everyone, (current.digests, error))
+        errors = [(rank, e) for rank, (_, e) in enumerate(everyone) if e is not None]
+        if errors or current.cancelled:
+            self._drop(current, errors)
+            return False
+        self._commit(current, [digests for digests, _ in everyone], barrier)
+        self._completed(current)
+        return True
+
+    def _drop(self, current: Save, errors: list[tuple[int, str]]) -> None:
+        current.cancelled, self.pending = True, None
+        self.failed_in_a_row, self.failed_saves = self.failed_in_a_row + 1, self.failed_saves + 1
+        if self.rank == 0:
+            try:
+                if self.fs.exists(f"{self.root}/{current.tag}"):
+                    self.fs.rm(f"{self.root}/{current.tag}", recursive=True)
+            except Exception as e:  # unmarked: never resumed from; pruning removes it later
+                print(f"cannot remove the dropped {self.url}/{current.tag} ({type(e).__name__}: {e}); pruning will",
+                      flush=True)
+        if self.on_failed is not None:
+            self.on_failed(current, errors)
+
+    def _commit(self, current: Save, everyone: list[dict], barrier: bool) -> None:
+        # The files are the ones every rank reported storing, not a listing (which a shared
+        # filesystem with attribute caching may show rank 0 incompletely).
         if self.rank == 0:
             sha256 = {name: digest for rank_digests in everyone for name, digest in rank_digests.items()}
             marker = {"step": current.step, "world_size": self.world_size, "files": sorted(sha256), "sha256": sha256,
@@ -273,6 +344,7 @@ class Checkpoints:
         if barrier and self.world_size > 1:
             dist.barrier()  # every rank returns with the marker written
         current.complete, self.pending, self._last = True, None, current
+        self.failed_in_a_row = 0
 
     def _completed(self, current: Save) -> None:
         if self.on_complete is not None:
@@ -292,12 +364,19 @@ class Checkpoints:
             # Old complete checkpoints, and incomplete ones older than the newest complete one
             # (a newer incomplete one may be another writer's save in progress).
             if int(tag[len("step_"):]) < newest:
-                self.fs.rm(f"{self.root}/{tag}", recursive=True)
+                self._remove(f"{self.root}/{tag}")
         if self.fs.exists(f"{self.root}/{UNIVERSAL}"):  # conversions of checkpoints no longer kept
             for path in self.fs.ls(f"{self.root}/{UNIVERSAL}", detail=False):
                 tag = path.rstrip("/").rsplit("/", 1)[-1]
                 if tag.startswith("step_") and tag not in keep:
-                    self.fs.rm(path, recursive=True)
+                    self._remove(path)
+
+    def _remove(self, folder: str) -> None:
+        """The marker first: a removal interrupted half-way leaves an incomplete checkpoint,
+        never a "complete" one missing files."""
+        if self.fs.exists(f"{folder}/{MARKER}"):
+            self.fs.rm(f"{folder}/{MARKER}")
+        self.fs.rm(folder, recursive=True)
 
     # -- load ------------------------------------------------------------------------------
 
@@ -486,6 +565,30 @@ class Checkpoints:
             or name == f"trainer_state_rank{self.rank}.pt"
             or (self.rank == 0 and name.startswith("mp_rank_"))
         )
+
+
+def clean_stale_staging(folder: str | None = None) -> list[str]:
+    """Remove the staging folders of processes that are gone (a crash mid-save or mid-load
+    leaves them, each as large as a rank's checkpoint); returns what was removed. Folders of
+    live processes (another run on this host) are left alone."""
+    folder = folder or tempfile.gettempdir()
+    removed = []
+    for name in os.listdir(folder):
+        pid = name[len(STAGING):].split("_pid", 1)[-1].split("_", 1)[0] if name.startswith(STAGING) else ""
+        if pid.isdigit() and not _alive(int(pid)):
+            shutil.rmtree(os.path.join(folder, name), ignore_errors=True)
+            removed.append(name)
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's
+        return True
+    return True
 
 
 class CheckpointTampered(RuntimeError):

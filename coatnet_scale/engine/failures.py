@@ -9,7 +9,15 @@ group's shape (world size and nodes). A group that starts from the same checkpoi
 same shape, as the last two failed attempts of its job stops at once and names the error, when
 the last attempt's first failure is one the attempt before also ended with. A new checkpoint in
 between, or a group of another size or on other nodes, goes on; a new job (running the command
-again) starts a new record.
+again) starts a new record of attempts.
+
+A stop stays a stop. Whatever stopped the run on purpose (this rule, or run health: repeated
+NaN, repeated rollbacks, repeated failed saves) is written to {run}/STOPPED.json, and the
+process exits 78 (engine/interrupt.py EXIT_STOPPED), so a requeue script can tell it from a
+resumable failure. Any later start of the run (a requeue, a resubmission, the command run
+again, under any launcher) reads that record and refuses with one line naming the reason and
+the switch: `--set train.override_stop=true`, passed once after fixing the cause, sets the
+record aside (STOPPED-overridden-TIME.json) and starts.
 """
 from __future__ import annotations
 
@@ -23,6 +31,7 @@ import torch.distributed as dist
 from coatnet_scale.storage import url_to_fs, write_atomic
 
 STOPPED = "STOPPED.json"
+OVERRIDE = "train.override_stop"
 
 
 @dataclass(frozen=True)
@@ -46,27 +55,50 @@ def _without_numbers(signature: str) -> str:
 
 
 class FailureLog:
-    def __init__(self, run_url: str, storage_options: dict, job: str):
-        self.url = f"{run_url.rstrip('/')}/failures/{job}"
-        self.fs, self.root = url_to_fs(self.url, storage_options)
+    """The run's stop record and, for a launcher that restarts (`job` set), this job's attempts."""
 
-    def start(self, resumed_from: str | None, rank: int, nodes: list[str]) -> tuple[Attempt, str | None]:
-        """Collective. This group's attempt, and the reason to stop instead of training (or None).
-        `nodes` names every rank's node. Rank 0 alone reads the record and decides; every rank
-        gets its decision."""
+    def __init__(self, run_url: str, storage_options: dict, job: str | None):
+        self.url = f"{run_url.rstrip('/')}/failures/{job}"
+        self.job = job
+        self.fs, self.root = url_to_fs(self.url, storage_options)
+        _, self.run_root = url_to_fs(run_url.rstrip("/"), storage_options)
+
+    def start(self, resumed_from: str | None, rank: int, nodes: list[str],
+              override: bool = False) -> tuple[Attempt, str | None]:
+        """Collective. This group's attempt, and the reason to stop instead of training (or None):
+        the run's stop record (unless `override`), or an error that repeats. `nodes` names every
+        rank's node. Rank 0 alone reads the records and decides; every rank gets its decision."""
         world_size = len(nodes)
         shape = f"{world_size} workers on {len(set(nodes))} node(s) {', '.join(n[:12] for n in sorted(set(nodes)))}"
         decision: list = [None, None]
         if rank == 0:
-            decision = [f"{time.time_ns():020d}", self._repeated(resumed_from, shape)]
-            if decision[1] is not None:
-                self._write(STOPPED, {"reason": decision[1]})
+            decision = [f"{time.time_ns():020d}", self._refusal(override)]
+            if decision[1] is None and self.job is not None:
+                decision[1] = self._repeated(resumed_from, shape)
+                if decision[1] is not None:
+                    self.stop(decision[1])
         if world_size > 1:
             dist.broadcast_object_list(decision, src=0)
         return Attempt(decision[0], resumed_from, shape), decision[1]
 
+    def _refusal(self, override: bool) -> str | None:
+        """The one line a stopped run refuses with; with `override`, the record set aside."""
+        record = self._stop_record()
+        if record is None:
+            return None
+        when = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(record.get("time", 0)))
+        if override:
+            self.fs.mv(f"{self.run_root}/{STOPPED}", f"{self.run_root}/STOPPED-overridden-{time.time_ns():020d}.json")
+            print(f"{OVERRIDE}: starting although the run was stopped at {when}: {record['reason']}", flush=True)
+            return None
+        return (f"refusing to start: the run was stopped on purpose at {when}: {record['reason']}. Fix the cause, "
+                f"then run the command once with --set {OVERRIDE}=true")
+
     def record(self, attempt: Attempt, rank: int, step: int, error: BaseException) -> None:
-        """What ended this rank's attempt. Never raises: the original error matters more."""
+        """What ended this rank's attempt (kept only for a launcher that restarts). Never raises:
+        the original error matters more."""
+        if self.job is None:
+            return
         try:
             self._write(f"{attempt.id}-rank{rank:05d}.json", {
                 "attempt": attempt.id, "rank": rank, "step": step, "resumed_from": attempt.resumed_from,
@@ -76,15 +108,22 @@ class FailureLog:
             print(f"rank {rank}: cannot record the failure in {self.url}: {type(e).__name__}: {e}", flush=True)
 
     def stop(self, reason: str) -> None:
-        """Stop the job for a reason found elsewhere (run health); the driver reads it."""
-        self._write(STOPPED, {"reason": reason})
+        """Record that the run stopped on purpose (run health, a repeated error): the driver
+        reads it, and every later start refuses until overridden."""
+        write_atomic(self.fs, f"{self.run_root}/{STOPPED}",
+                     json.dumps({"reason": reason, "time": time.time(), "job": self.job}).encode())
 
     def stopped(self) -> str | None:
-        """Why this job stopped retrying, if it did (read by the driver after the job)."""
+        """Why the run stopped, if its record says so (read by the driver after the job)."""
+        record = self._stop_record()
+        return None if record is None else record["reason"]
+
+    def _stop_record(self) -> dict | None:
         try:
-            return json.loads(self.fs.cat_file(f"{self.root}/{STOPPED}"))["reason"]
-        except (FileNotFoundError, KeyError, ValueError):
+            record = json.loads(self.fs.cat_file(f"{self.run_root}/{STOPPED}"))
+        except (FileNotFoundError, ValueError):
             return None
+        return record if "reason" in record else None
 
     def _write(self, name: str, record: dict) -> None:
         write_atomic(self.fs, f"{self.root}/{name}", json.dumps(record).encode())

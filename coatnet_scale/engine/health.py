@@ -6,8 +6,10 @@ gradient norm is finite, whether DeepSpeed applied the step (ZeRO-3 skips a step
 norm is not finite, and only counts it), the images and corrupt samples read, and each rank's
 compute time in its own slot, and whether a stop signal reached it (engine/interrupt.py). So
 every rank reaches the same verdict at the same step. The same vector counts the ranks whose
-background checkpoint upload is done (engine/checkpoint.py), so the marker waits on no
-collective of its own.
+background checkpoint upload is stored, and those whose upload failed (engine/checkpoint.py),
+so the marker waits on no collective of its own and one rank's storage error reaches every
+rank at the same step. The verdict is an `Agreed` record; docs/engine.md's table says who acts
+on each of its fields.
 
 A skipped step is counted (`coatnet_skipped_steps_total`) and logged. A rollback comes on a
 non-finite loss, on `train.max_skipped_steps` skipped steps in a row, or on a spike: a loss
@@ -24,7 +26,9 @@ rollback-*.json (reason, trouble step, checkpoint, steps skipped), and the attem
 adds which batches of which epoch it passed over, with the loader's plan, so
 `python -m coatnet_scale.data keys --skipped RUN_URL` lists the samples. After
 `train.max_rollbacks` rollbacks to one checkpoint the next trouble stops the run: the launcher
-prints `pretrain: RUN stopped: …` and exits 1.
+prints `pretrain: RUN stopped: …` and exits 78 (engine/failures.py: it stays stopped). A
+rollback never skips more than one epoch's batches: a wider span (a checkpoint far behind the
+trouble) is cut to one epoch, and the record says so (`skip_steps_requested`).
 
 Stragglers: every `monitoring.straggler_every_steps` rank 0 compares the ranks' mean compute
 time (a step's wall time less its data wait, before this agreement) and logs
@@ -37,14 +41,39 @@ import math
 import statistics
 import time
 from collections import deque
-from dataclasses import astuple
+from dataclasses import astuple, dataclass
 
 import torch
 import torch.distributed as dist
 from coatnet_scale.engine import collectives
 from coatnet_scale.storage import url_to_fs, write_atomic
 
-FLAGS = 8  # loss, loss not finite, grad norm not finite, step not applied, corrupt samples, images, uploaded, signalled
+# loss, loss not finite, grad norm not finite, step not applied, corrupt samples, images,
+# upload stored, upload failed, signalled; then each rank's compute time
+FLAGS = 9
+
+
+@dataclass(frozen=True)
+class Agreed:
+    """What the group agreed after one step (one all-reduce): every rank holds the same."""
+
+    step: int
+    loss: float  # the group's mean; nan when not finite on a rank
+    images: int
+    corrupt: int
+    skipped: bool  # DeepSpeed did not apply the step on the group: no checkpoint now
+    trouble: str | None  # why the run rolls back (or stops, past train.max_rollbacks); None: healthy
+    upload: str  # the save in flight: "none", "pending", "stored" (on every rank) or "failed" (on one at least)
+    failed_ranks: int  # ranks whose upload failed
+    signalled: int  # ranks that caught a stop signal
+
+
+def upload_outcome(stored: int, failed: int, in_flight: bool, world_size: int) -> str:
+    if failed:
+        return "failed"
+    if stored == world_size:
+        return "stored"
+    return "pending" if in_flight else "none"
 
 
 class Rollback(Exception):
@@ -93,16 +122,15 @@ class Health:
         return self.skipped_in_a_row == 0
 
     def agree(self, step: int, loss: float, grad_norm, applied: bool, corrupt: int, images: int,
-              compute: float, uploaded: bool = False, signalled: bool = False) -> dict:
-        """Collective, once per step. Returns the group's loss (mean), corrupt samples, images,
-        how many ranks said `uploaded` (their part of the checkpoint in flight is stored) and how
-        many caught a stop signal; raises Rollback, or returns {"stopped": reason} when the run
-        must stop."""
+              compute: float, upload: str = "none", signalled: bool = False) -> Agreed:
+        """Collective, once per step. `upload`: this rank's part of the save in flight ("none",
+        "pending", "stored", "failed"). Returns the group's verdict; `trouble` says the run must
+        roll back (`roll_back` does it)."""
         grad_finite = grad_norm is None or math.isfinite(float(grad_norm))
         slots = [0.0] * self.world_size
         slots[self.rank] = compute
         values = [loss if math.isfinite(loss) else 0.0, not math.isfinite(loss), not grad_finite, not applied, corrupt,
-                  images, uploaded, signalled, *slots]
+                  images, upload == "stored", upload == "failed", signalled, *slots]
         agreed = collectives.all_reduce(torch.tensor(values, dtype=torch.float64, device=self.device)).tolist()
         self.monitor.computed(compute)
         self.compute = [total + seconds for total, seconds in zip(self.compute, agreed[FLAGS:])]
@@ -110,10 +138,17 @@ class Health:
         if self.window >= self.monitoring.straggler_every_steps:
             self._stragglers(step)
         loss_mean = agreed[0] / self.world_size
-        result = {"loss": loss_mean if not agreed[1] else math.nan, "corrupt": int(agreed[4]), "images": int(agreed[5]),
-                  "uploaded": int(agreed[6]), "signalled": int(agreed[7])}
+        skipped = bool(agreed[2] or agreed[3]) and not agreed[1]
+        verdict = Agreed(step, loss_mean if not agreed[1] else math.nan, int(agreed[5]), int(agreed[4]), skipped,
+                         self._judge(step, agreed, loss_mean),
+                         upload_outcome(int(agreed[6]), int(agreed[7]), upload != "none", self.world_size),
+                         int(agreed[7]), int(agreed[8]))
+        return verdict
+
+    def _judge(self, step: int, agreed: list[float], loss_mean: float) -> str | None:
+        """Why this step calls for a rollback, or None; counts skipped steps and the loss window."""
         if agreed[1]:
-            return self._trouble(step, f"the loss is not finite on {int(agreed[1])} rank(s)")
+            return f"the loss is not finite on {int(agreed[1])} rank(s)"
         if agreed[2] or agreed[3]:
             self.skipped_in_a_row += 1
             self.first_skipped = self.first_skipped or step
@@ -123,14 +158,13 @@ class Health:
                 print(f"step {step} skipped: {why}; {self.skipped_in_a_row} in a row "
                       f"(train.max_skipped_steps {self.train.max_skipped_steps})", flush=True)
             if self.skipped_in_a_row >= self.train.max_skipped_steps:
-                return self._trouble(step, f"{self.skipped_in_a_row} steps in a row skipped (non-finite gradients)")
-            return result
+                return f"{self.skipped_in_a_row} steps in a row skipped (non-finite gradients)"
+            return None
         self.skipped_in_a_row, self.first_skipped = 0, None
         spike = self._spike(loss_mean)
-        if spike:
-            return self._trouble(step, spike)
-        self.losses.append(loss_mean)
-        return result
+        if spike is None:
+            self.losses.append(loss_mean)
+        return spike
 
     def _spike(self, loss: float) -> str | None:
         t = self.train
@@ -162,13 +196,14 @@ class Health:
         """A checkpoint was written: rollbacks now go to it, and start counting again."""
         self.checkpoint, self.checkpoint_step, self.rollbacks = tag, step, 0
 
-    def _trouble(self, step: int, reason: str) -> dict:
-        """Roll back (raises Rollback) or, after max_rollbacks to one checkpoint, stop."""
+    def roll_back(self, step: int, reason: str) -> str:
+        """Roll back (raises Rollback) or, after max_rollbacks to one checkpoint, return why the
+        run stops."""
         t = self.train
         good = f"{self.checkpoint_url}/{self.checkpoint}" if self.checkpoint else "none (the run has no checkpoint yet)"
         if self.rollbacks >= t.max_rollbacks:
-            return {"stopped": f"step {step}: {reason}; after {self.rollbacks} rollback(s) to the last good checkpoint, "
-                               f"{good} (train.max_rollbacks {t.max_rollbacks})"}
+            return (f"step {step}: {reason}; after {self.rollbacks} rollback(s) to the last good checkpoint, "
+                    f"{good} (train.max_rollbacks {t.max_rollbacks})")
         skip = step - self.checkpoint_step + t.spike_skip_batches
         if self.rank == 0:
             record = {"time": time.time(), "step": step, "first_bad_step": self.first_skipped or step,
@@ -187,24 +222,38 @@ class Health:
     def skip(self, loader, group: dict, micro_batches_per_step: int, epoch: int,
              batch_in_epoch: int, phases: tuple) -> tuple[int, int, tuple]:
         """Pass over the batches the rollbacks to this attempt's checkpoint asked to skip, in
-        their order; record on each (rank 0, once) which epoch batches that was. Returns the new
-        (epoch, batch_in_epoch, phases)."""
+        their order, at most one epoch's (`skip_steps_requested` in the record when cut); record
+        on each (rank 0, once) which epoch batches that was. Returns the new (epoch,
+        batch_in_epoch, phases)."""
         for record in self.records:
             if record["checkpoint"] != self.checkpoint:
                 continue
-            left, spans = record["skip_steps"] * micro_batches_per_step, []
-            while left:
-                end = min(loader.batches_in(epoch, phases), batch_in_epoch + left)
-                spans.append({"epoch": epoch, "phases": [list(astuple(p)) for p in phases], "from_batch": batch_in_epoch,
-                              "to_batch": end, **group})
-                left -= end - batch_in_epoch
-                batch_in_epoch = end
-                if batch_in_epoch >= loader.batches_in(epoch, phases):
-                    epoch, batch_in_epoch, phases = epoch + 1, 0, ()
+            steps = min(record["skip_steps"], max(1, loader.batches_in(epoch, ()) // micro_batches_per_step))
+            spans, (epoch, batch_in_epoch, phases) = _passed_over(loader, group, steps * micro_batches_per_step,
+                                                                  epoch, batch_in_epoch, phases)
             if self.rank == 0 and "skipped" not in record:
                 name = record["name"]
-                self._write(name, {**{k: v for k, v in record.items() if k != "name"}, "skipped": spans})
-                print(f"rollback: skipped {record['skip_steps']} steps' batches ({name}): "
+                cut = {"skip_steps": steps, "skip_steps_requested": record["skip_steps"]} \
+                    if steps < record["skip_steps"] else {}
+                self._write(name, {**{k: v for k, v in record.items() if k != "name"}, **cut, "skipped": spans})
+                print(f"rollback: skipped {steps} steps' batches ({name})"
+                      + (f", not the {record['skip_steps']} asked for: at most one epoch's" if cut else "") + ": "
                       + "; ".join(f"epoch {s['epoch']} batches {s['from_batch']}-{s['to_batch'] - 1} of each rank"
                                   for s in spans), flush=True)
         return epoch, batch_in_epoch, phases
+
+
+def _passed_over(loader, group: dict, batches: int, epoch: int, batch_in_epoch: int,
+                 phases: tuple) -> tuple[list[dict], tuple[int, int, tuple]]:
+    """The spans of `batches` batches read on from (epoch, batch_in_epoch, phases), and where
+    reading then stands."""
+    spans = []
+    while batches:
+        end = min(loader.batches_in(epoch, phases), batch_in_epoch + batches)
+        spans.append({"epoch": epoch, "phases": [list(astuple(p)) for p in phases], "from_batch": batch_in_epoch,
+                      "to_batch": end, **group})
+        batches -= end - batch_in_epoch
+        batch_in_epoch = end
+        if batch_in_epoch >= loader.batches_in(epoch, phases):
+            epoch, batch_in_epoch, phases = epoch + 1, 0, ()
+    return spans, (epoch, batch_in_epoch, phases)

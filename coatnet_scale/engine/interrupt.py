@@ -16,6 +16,11 @@ Two ways a job learns it (docs/elastic.md, "Preemption"):
   (engine/health.py), save (the marker records the signal under "signal"), and every process
   exits with EXIT_RESUMABLE. The same command resumes.
 
+A signal or notice that comes while steps are being skipped (no checkpoint may be written then)
+is kept (`Notices.pending`, which outlives a rollback) and saved for at the next step that is
+not skipped. Exit codes (docs/elastic.md): 0 finished, EXIT_RESUMABLE saved on a signal,
+EXIT_STOPPED stopped on purpose (run health, a repeated error): do not requeue.
+
 Ray is never imported here: the Ray launcher hands the loop its `get_preemption_info`.
 """
 from __future__ import annotations
@@ -24,6 +29,10 @@ import signal
 import time
 
 EXIT_RESUMABLE = 75  # sysexits.h EX_TEMPFAIL: saved on a signal; run the same command again to resume
+# sysexits.h EX_CONFIG: stopped on purpose (engine/failures.py records why); running the same
+# command again refuses until a person changes something. Apart from 1 (any crash, worth a
+# retry), 2 (a config or input refused before training) and 128+N (killed by signal N).
+EXIT_STOPPED = 78
 SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 _received: list[str] = []
 
@@ -53,6 +62,9 @@ class Notices:
         self.ask, self.poll_steps = ask, poll_steps
         self.seen: set[str] = set()  # the preempted nodes already saved for
         self.last_save_s: float | None = None  # how long this job's last save took
+        # A drain (signal or notice) not saved for yet: it came while steps were skipped.
+        self.pending: dict | None = None
+        self.pending_text = ""  # its log line's start
 
     def new(self, step: int) -> dict | None:
         """At step boundaries, on every rank: a notice of nodes not seen before, as the marker
@@ -67,7 +79,7 @@ class Notices:
                 "nodes": info.preempted_node_ids}
 
     def describe(self, notice: dict, step: int) -> str:
-        """The log line of a notice: who goes, when, and whether a save fits before."""
+        """The start of a notice's log line: who goes, when, and whether a save fits before."""
         text = f"preemption: node(s) {', '.join(notice['nodes'])} (ranks {notice['ranks']}) reclaimed"
         if notice["deadline_ms"] is None:
             text += " with no deadline given"
@@ -77,4 +89,4 @@ class Notices:
             if self.last_save_s is not None and self.last_save_s >= left:
                 text += (f" (warning: the last save took {self.last_save_s:.1f} s, longer than that: this checkpoint may "
                          f"not complete, and a ZeRO-3 save needs the preempted ranks too)")
-        return text + f": saving a checkpoint at step {step}, then training on until the node goes"
+        return text

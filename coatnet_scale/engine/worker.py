@@ -19,10 +19,11 @@ from __future__ import annotations
 
 import gc
 import json
+import math
 import socket
 import time
 import warnings
-from dataclasses import astuple, dataclass
+from dataclasses import astuple, dataclass, field
 
 import torch
 import torch.distributed as dist
@@ -33,12 +34,12 @@ from coatnet_scale.config import Config, TrainConfig
 from coatnet_scale.data import eval_loader, train_loader
 from coatnet_scale.data.plan import Phase, derive_seed
 from coatnet_scale.engine import collectives
-from coatnet_scale.engine.checkpoint import Checkpoints
+from coatnet_scale.engine.checkpoint import Checkpoints, clean_stale_staging
 from coatnet_scale.engine.compiled import compile_blocks
 from coatnet_scale.engine.ema import ShardedEMA
 from coatnet_scale.engine.failures import FailureLog
 from coatnet_scale.engine.faults import Faults
-from coatnet_scale.engine.health import Health, Rollback, read_rollbacks
+from coatnet_scale.engine.health import Agreed, Health, Rollback, read_rollbacks
 from coatnet_scale.engine.interrupt import EXIT_RESUMABLE, Notices, signal_received
 from coatnet_scale.engine.monitor import start_training_monitor
 from coatnet_scale.engine.optim import group_weight_decays, lr_multiplier, param_groups
@@ -150,15 +151,30 @@ def input_dtype(engine) -> torch.dtype:
     return torch.float16 if engine.fp16_enabled() else torch.float32
 
 
+class _InfiniteGradient(torch.autograd.Function):
+    """The identity forward, an infinite gradient backward (fault injection: a step DeepSpeed skips)."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad * math.inf
+
+
 def forward_backward(engine, images: torch.Tensor, targets: torch.Tensor, loss_kind: str,
-                     poison: bool = False) -> torch.Tensor:
+                     poison: bool = False, infinite: bool = False) -> torch.Tensor:
     """One micro-batch, on the device (`StreamingLoader.to_device`), through the engine (forward,
     backward, and the optimizer step at the end of an accumulation); returns the loss, detached.
-    `poison`: a NaN loss (fault injection, engine/faults.py)."""
+    `poison`: a NaN loss; `infinite`: infinite gradients, the loss finite (fault injection,
+    engine/faults.py)."""
     logits = engine(images)
     loss = soft_target_loss(logits, targets, loss_kind)
     if poison:
         loss = loss * float("nan")
+    if infinite:
+        loss = _InfiniteGradient.apply(loss)
     engine.backward(loss)
     engine.step()
     return loss.detach()
@@ -193,7 +209,7 @@ class StepCounts:
 
 
 def train_step(engine, scheduler, batches: EpochBatches, device: torch.device, train: TrainConfig, monitor,
-               ema: ShardedEMA | None, step: int, poison: bool = False) -> StepCounts:
+               ema: ShardedEMA | None, step: int, poison: bool = False, infinite: bool = False) -> StepCounts:
     """Optimizer step `step`: grad_accum_steps micro-batches read, put on the device, forward and
     backward (DeepSpeed steps the optimizer and schedule after the last), the EMA updated, the
     monitor told."""
@@ -207,7 +223,7 @@ def train_step(engine, scheduler, batches: EpochBatches, device: torch.device, t
         counts.images += len(batch["labels"])
         counts.corrupt += batch["corrupt"]
         loss_sum += forward_backward(engine, *batches.loader.to_device(batch, device, input_dtype(engine)), train.loss,
-                                     poison)
+                                     poison, infinite)
     trim_module_stack(engine)
     if ema is not None:
         ema.update()
@@ -314,6 +330,7 @@ def _attempts(config: Config, placement: Placement, options: dict, watchdog: Wat
     collectives.bind(device)
     if not use_gpu:
         torch.set_num_threads(max(1, int(config.cluster.cpus_per_worker)))
+    clean_stale_staging()  # what a crashed process of this host left in the middle of a save
     checkpoints = Checkpoints(checkpoint_url(config), options, config.checkpoint.keep, rank, world_size,
                               metadata=checkpoint_metadata(config), local_rank=placement.local_rank,
                               async_upload=config.checkpoint.async_upload)
@@ -323,49 +340,57 @@ def _attempts(config: Config, placement: Placement, options: dict, watchdog: Wat
         if rank == 0:
             print(f"run {config.run_name} already finished at step {finished['step']} ({checkpoints.url}/{tag}): "
                   f"nothing to do", flush=True)
-        if report is not None:
-            report(finished)
-        return finished
+        return _reported(report, finished)
     nodes = [placement.node]  # every rank's node, by rank
     if world_size > 1:
         nodes = [None] * world_size
         dist.all_gather_object(nodes, placement.node)
-    failures = FailureLog(run_url(config), options, placement.job) if placement.job else None
-    attempt, stop = failures.start(tag, rank, nodes) if failures else (None, None)
+    failures = FailureLog(run_url(config), options, placement.job)
+    attempt, stop = failures.start(tag, rank, nodes, override=config.train.override_stop)
     if stop is not None:
         if rank == 0:
             print(f"stopping: {stop}", flush=True)
-        final = {"stopped": stop}
-        if report is not None:
-            report(final)
-        return final
+        return _reported(report, {"stopped": stop})
     progress = {"step": 0}  # where a failure happened, for its record
     try:
         problems = placement_problems(config, nodes)  # what only the placed workers can see
         if problems:
             raise RuntimeError("; ".join(problems))
-        faults = Faults(run_url(config), options, rank)
-        checkpoints.faults = faults
-        monitors: list = []  # one for every attempt: a rollback is not a new worker group
-        while True:
-            try:
-                final = _train(config, placement, device, checkpoints, tag, marker, report, progress, watchdog, nodes,
-                               faults, monitors, notices)
-                break
-            except Rollback:
-                checkpoints.discard()  # the rollback record names the newest marked checkpoint
-            gc.collect()  # the attempt's engine and loaders (the exception held them), before the next is built
-            if device.type == "cuda":
-                torch.cuda.empty_cache()
-            watchdog.arm(config.train.startup_timeout_s)
-            tag, marker = checkpoints.choose()
-        if "stopped" in final and failures is not None and rank == 0:
-            failures.stop(final["stopped"])  # what the Ray driver reads
+        final = _rolling_back(config, placement, device, checkpoints, tag, marker, report, progress, watchdog, nodes,
+                              notices)
+        if "stopped" in final and rank == 0:
+            failures.stop(final["stopped"])  # what the Ray driver reads, and what keeps the run stopped
         return final
     except Exception as error:
-        if failures is not None:
-            failures.record(attempt, rank, progress["step"], error)
+        failures.record(attempt, rank, progress["step"], error)
         raise
+
+
+def _rolling_back(config: Config, placement: Placement, device: torch.device, checkpoints: Checkpoints,
+                  tag: str | None, marker: dict | None, report, progress: dict, watchdog: Watchdog,
+                  nodes: list[str], notices: Notices) -> dict:
+    """Attempts in these processes: after each rollback, the next from the newest complete
+    checkpoint (the one the rollback record names)."""
+    faults = Faults(run_url(config), storage_options(config.storage), placement.rank)
+    checkpoints.faults = faults
+    monitors: list = []  # one for every attempt: a rollback is not a new worker group
+    while True:
+        try:
+            return _train(config, placement, device, checkpoints, tag, marker, report, progress, watchdog, nodes,
+                          faults, monitors, notices)
+        except Rollback:
+            watchdog.arm(config.train.startup_timeout_s)  # not the step's timeout: the discard may wait
+            checkpoints.discard()  # bounded: a slow store must not stall the rollback
+        gc.collect()  # the attempt's engine and loaders (the exception held them), before the next is built
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+        tag, marker = checkpoints.choose()
+
+
+def _reported(report, final: dict) -> dict:
+    if report is not None:
+        report(final)
+    return final
 
 
 def finished_report(config: Config, marker: dict | None) -> dict | None:
@@ -383,17 +408,9 @@ def finished_report(config: Config, marker: dict | None) -> dict | None:
 def _train(config: Config, placement: Placement, device: torch.device, checkpoints: Checkpoints, tag: str | None,
            marker: dict | None, report, progress: dict, watchdog: Watchdog, nodes: list[str], faults: Faults,
            monitors: list, notices: Notices) -> dict:
+    """One attempt: the engine built and resumed, the data positioned, the steps run."""
     rank, world_size = placement.rank, placement.world_size
-    c = config.cluster
-    plan = batch_plan(config.train, world_size, c.num_workers, c.min_workers or c.num_workers)
-    t = config.train
-    if (plan.micro_batch_size, plan.grad_accum_steps, plan.global_batch_size) != (
-            t.micro_batch_size, t.grad_accum_steps, t.global_batch_size):  # an elastic group, or a resize
-        configured = t.global_batch_size
-        config = apply_batch_plan(config, plan)
-        checkpoints.metadata = checkpoint_metadata(config)
-        if rank == 0:
-            print(f"elastic: {plan.describe(configured)}", flush=True)
+    config = _group_config(config, world_size, checkpoints, rank)
     resized = marker is not None and marker["world_size"] != world_size
     engine, scheduler = build_engine(config, config.cluster.use_gpu,
                                      initial_weights=tag is None and bool(config.finetune.init_checkpoint),
@@ -403,52 +420,19 @@ def _train(config: Config, placement: Placement, device: torch.device, checkpoin
         full = sum(getattr(p, "ds_numel", p.numel()) for p in engine.module.parameters())
         if rank == 0:
             print(f"ZeRO-{config.deepspeed.zero_stage}: rank 0 holds {local:,} of {full:,} parameters ({local / full:.1%})", flush=True)
-        step, epoch, batch_in_epoch, state = 0, 0, 0, {}
-        if tag is not None:
-            state = checkpoints.load(engine, tag, marker)
-            step, epoch, batch_in_epoch = state["step"], state["epoch"], state["batch_in_epoch"]
-            if state["rng"] is not None:
-                _set_rng_state(state["rng"])
-            else:  # a rank the checkpoint had no state for
-                torch.manual_seed(derive_seed(config.train.seed, rank, step))  # the same for the same rank and step
-            if resized:
-                _restore_hyperparameters(engine, scheduler, config, step)
-            if rank == 0:
-                print(f"resumed from {checkpoints.url}/{tag}: step {step}, epoch {epoch}, batch {batch_in_epoch}"
-                      + (f", written by {marker['world_size']} workers, now {world_size}" if resized else "")
-                      + "".join(f", saved on a {why} notice" for why in ("preemption", "signal") if why in marker),
-                      flush=True)
-        else:
-            torch.manual_seed(config.train.seed * 1000 + rank + 1)  # stochastic depth differs per rank
+        step, epoch, batch_in_epoch, state = _resume(config, engine, scheduler, checkpoints, tag, marker, rank,
+                                                     world_size)
         progress["step"] = step
-
         # The EMA starts from the weights training starts from: initial, loaded, or resumed.
         ema = ShardedEMA(engine.module, config.train.ema_decay, engine.optimizer) if config.train.ema_decay else None
         if ema is not None and "ema" in state:
             ema.load_state_dict(state["ema"])
-        t = config.train
-        last_step = min(t.total_steps, t.stop_at_step or t.total_steps)
         loader = train_loader(config, rank, world_size)
         validation = eval_loader(config, rank, world_size) if config.data.val_manifest else None
-        # The data group: who reads this epoch's samples. A group of another shape continues the
-        # epoch with the samples the earlier groups (phases) left, each still read once.
-        group = [world_size, config.data.num_workers, t.micro_batch_size]
-        phases = tuple(Phase(*p) for p in state.get("phases", ()))
-        if "data_group" in state and state["data_group"] != group:
-            phases, batch_in_epoch = (*phases, Phase(*state["data_group"], batch_in_epoch)), 0
-            left = loader.samples_left(epoch, phases)
-            if left < world_size * max(1, config.data.num_workers):  # too few to give every slot one: next epoch
-                if rank == 0 and left:
-                    print(f"data: the last {left} samples of epoch {epoch} are left out: fewer than this group's "
-                          f"{world_size * max(1, config.data.num_workers)} loader slots", flush=True)
-                epoch, phases = epoch + 1, ()
-        if batch_in_epoch >= loader.batches_in(epoch, phases):  # checkpointed at an epoch's end: skip reading it
-            epoch, batch_in_epoch, phases = epoch + 1, 0, ()
-        records = [read_rollbacks(run_url(config), storage_options(config.storage)) if rank == 0 else None]
-        if world_size > 1:
-            dist.broadcast_object_list(records, src=0)
-        health = Health(config, run_url(config), storage_options(config.storage), rank, world_size, nodes, device, tag, step,
-                        records[0])
+        group, epoch, batch_in_epoch, phases = _data_position(config, loader, state, epoch, batch_in_epoch, rank,
+                                                              world_size)
+        health = _health(config, placement, nodes, device, tag, step)
+        t = config.train
         loaded = {"manifest": config.data.train_manifest, "seed": t.seed, "shuffle_buffer": config.data.shuffle_buffer,
                   "world_size": world_size, "num_workers": config.data.num_workers, "batch_size": t.micro_batch_size}
         epoch, batch_in_epoch, phases = health.skip(loader, loaded, t.grad_accum_steps, epoch, batch_in_epoch, phases)
@@ -461,10 +445,79 @@ def _train(config: Config, placement: Placement, device: torch.device, checkpoin
                                              recomputes=engine.module.checkpointing.enabled)
             monitors.append(monitor)
         health.started(monitor)
-        return _loop(config, placement, engine, scheduler, checkpoints, batches, validation, ema, monitor, health,
-                     watchdog, faults, group, step, report, progress, notices)
+        return StepLoop(config, placement, engine, scheduler, checkpoints, batches, validation, ema, monitor, health,
+                        watchdog, faults, notices, group, report, progress).run(step)
     finally:
         release_engine(engine)
+
+
+def _group_config(config: Config, world_size: int, checkpoints: Checkpoints, rank: int) -> Config:
+    """The config with the batch this group's size runs (an elastic group, or a resize)."""
+    c, t = config.cluster, config.train
+    plan = batch_plan(t, world_size, c.num_workers, c.min_workers or c.num_workers)
+    if (plan.micro_batch_size, plan.grad_accum_steps, plan.global_batch_size) != (
+            t.micro_batch_size, t.grad_accum_steps, t.global_batch_size):
+        config = apply_batch_plan(config, plan)
+        checkpoints.metadata = checkpoint_metadata(config)
+        if rank == 0:
+            print(f"elastic: {plan.describe(t.global_batch_size)}", flush=True)
+    return config
+
+
+def _resume(config: Config, engine, scheduler, checkpoints: Checkpoints, tag: str | None, marker: dict | None,
+            rank: int, world_size: int) -> tuple[int, int, int, dict]:
+    """(step, epoch, batch_in_epoch, trainer state) from checkpoint `tag`, its RNG states set;
+    from the start when `tag` is None."""
+    if tag is None:
+        torch.manual_seed(config.train.seed * 1000 + rank + 1)  # stochastic depth differs per rank
+        return 0, 0, 0, {}
+    resized = marker["world_size"] != world_size
+    state = checkpoints.load(engine, tag, marker)
+    step, epoch, batch_in_epoch = state["step"], state["epoch"], state["batch_in_epoch"]
+    if state["rng"] is not None:
+        _set_rng_state(state["rng"])
+    else:  # a rank the checkpoint had no state for
+        torch.manual_seed(derive_seed(config.train.seed, rank, step))  # the same for the same rank and step
+    if resized:
+        _restore_hyperparameters(engine, scheduler, config, step)
+    if rank == 0:
+        print(f"resumed from {checkpoints.url}/{tag}: step {step}, epoch {epoch}, batch {batch_in_epoch}"
+              + (f", written by {marker['world_size']} workers, now {world_size}" if resized else "")
+              + "".join(f", saved on a {why} notice" for why in ("preemption", "signal") if why in marker),
+              flush=True)
+    return step, epoch, batch_in_epoch, state
+
+
+def _data_position(config: Config, loader, state: dict, epoch: int, batch_in_epoch: int, rank: int,
+                   world_size: int) -> tuple[list, int, int, tuple]:
+    """(data group, epoch, batch_in_epoch, phases) where this group's reading starts."""
+    t = config.train
+    # The data group: who reads this epoch's samples. A group of another shape continues the
+    # epoch with the samples the earlier groups (phases) left, each still read once.
+    group = [world_size, config.data.num_workers, t.micro_batch_size]
+    phases = tuple(Phase(*p) for p in state.get("phases", ()))
+    if "data_group" in state and state["data_group"] != group:
+        phases, batch_in_epoch = (*phases, Phase(*state["data_group"], batch_in_epoch)), 0
+        left = loader.samples_left(epoch, phases)
+        if left < world_size * max(1, config.data.num_workers):  # too few to give every slot one: next epoch
+            if rank == 0 and left:
+                print(f"data: the last {left} samples of epoch {epoch} are left out: fewer than this group's "
+                      f"{world_size * max(1, config.data.num_workers)} loader slots", flush=True)
+            epoch, phases = epoch + 1, ()
+    if batch_in_epoch >= loader.batches_in(epoch, phases):  # checkpointed at an epoch's end: skip reading it
+        epoch, batch_in_epoch, phases = epoch + 1, 0, ()
+    return group, epoch, batch_in_epoch, phases
+
+
+def _health(config: Config, placement: Placement, nodes: list[str], device: torch.device, tag: str | None,
+            step: int) -> Health:
+    """This attempt's run health, with the run's rollback records (rank 0 reads them)."""
+    rank, world_size = placement.rank, placement.world_size
+    records = [read_rollbacks(run_url(config), storage_options(config.storage)) if rank == 0 else None]
+    if world_size > 1:
+        dist.broadcast_object_list(records, src=0)
+    return Health(config, run_url(config), storage_options(config.storage), rank, world_size, nodes, device, tag, step,
+                  records[0])
 
 
 def _pop_module_stack(engine, keep_model: bool) -> None:
@@ -494,128 +547,248 @@ def release_engine(engine) -> None:
     _pop_module_stack(engine, keep_model=False)
 
 
-def _loop(config: Config, placement: Placement, engine, scheduler, checkpoints: Checkpoints, batches: EpochBatches,
-          validation, ema, monitor, health: Health, watchdog: Watchdog, faults: Faults, group: list, step: int,
-          report, progress: dict, notices: Notices) -> dict:
-    rank, world_size = placement.rank, placement.world_size
-    t = config.train
-    device = health.device
-    last_step = min(t.total_steps, t.stop_at_step or t.total_steps)
-    last_metrics: dict = {}
-    history: list[dict] = []
-    window_start, window_steps, window_wait, window_images, corrupt = time.monotonic(), 0, 0.0, 0, 0
-    checkpoints.on_complete = lambda saved: _checkpoint_complete(saved, checkpoints.url, rank, health, monitor,
-                                                                  notices)
-    while step < last_step:
-        faults.hang(step + 1)
+@dataclass
+class LogWindow:
+    """Sums over the steps since the last log line."""
+
+    start: float = field(default_factory=time.monotonic)
+    steps: int = 0
+    wait: float = 0.0
+    images: int = 0
+
+    def add(self, counts: StepCounts, agreed: Agreed) -> None:
+        self.steps, self.wait, self.images = self.steps + 1, self.wait + counts.data_wait, self.images + agreed.images
+
+
+class StepLoop:
+    """One attempt's steps. After each, the group agrees on how it went (`Health.agree`, one
+    all-reduce, an `Agreed`), and every rank acts on the same verdict, in this order: stop or
+    roll back (`_roll_back`, `_stop`), settle the save in flight (`_drop_failed_save`,
+    `_commit`), log and evaluate, take up a stop signal or reclaim notice (`_drain`), save
+    (`_save`). docs/engine.md, "The step protocol", has the table."""
+
+    def __init__(self, config: Config, placement: Placement, engine, scheduler, checkpoints: Checkpoints,
+                 batches: EpochBatches, validation, ema, monitor, health: Health, watchdog: Watchdog, faults: Faults,
+                 notices: Notices, group: list, report, progress: dict):
+        self.config, self.t, self.rank = config, config.train, placement.rank
+        self.engine, self.scheduler, self.checkpoints, self.batches = engine, scheduler, checkpoints, batches
+        self.validation, self.ema, self.monitor, self.health = validation, ema, monitor, health
+        self.watchdog, self.faults, self.notices, self.group = watchdog, faults, notices, group
+        self.report, self.progress = report, progress
+        self.last_step = min(self.t.total_steps, self.t.stop_at_step or self.t.total_steps)
+        self.window, self.corrupt = LogWindow(), 0
+        self.last_save_error = ""
+        self.last_metrics: dict = {}
+        self.history: list[dict] = []
+        checkpoints.on_complete = lambda saved: _checkpoint_complete(saved, checkpoints.url, self.rank, health,
+                                                                      monitor, notices)
+        checkpoints.on_failed = self._save_failed
+
+    def run(self, step: int) -> dict:
+        while step < self.last_step:
+            step += 1
+            counts, compute = self._train_step(step)
+            self.progress["step"] = step
+            agreed = self.health.agree(step, counts.loss, self.engine.get_global_grad_norm(),
+                                       self.engine.was_step_applied(), counts.corrupt, counts.images, compute,
+                                       self.checkpoints.upload_state(), signal_received() is not None)
+            stop = self._roll_back(agreed) or self._settle_upload(agreed)
+            if stop is not None:
+                return self._stop(step, stop)
+            self.watchdog.arm(self.t.hang_timeout_s)
+            self._log(agreed, counts)
+            self._evaluate(step)
+            note = self._drain(agreed)
+            stop = self._save(step, note)
+            if stop is not None:
+                return self._stop(step, stop)
+            if note is not None and "signal" in note:
+                self.monitor.linger_seconds = 0  # the signal's sender waits for this process to end
+                self.last_metrics["interrupted"] = note["signal"]
+                break
+        return self._finish(step)
+
+    def _train_step(self, step: int) -> tuple[StepCounts, float]:
+        """Step `step` (with the injected faults, engine/faults.py); its counts and compute time."""
+        self.faults.hang(step)
         started = time.monotonic()
-        counts = train_step(engine, scheduler, batches, device, t, monitor, ema, step + 1, faults.nan(step + 1))
-        faults.delay(step + 1)
-        compute = time.monotonic() - started - counts.data_wait
-        step += 1
-        progress["step"] = step
-        # Every rank learns how the step went on all of them (one small all-reduce), and the
-        # log line's sums come with it.
-        agreed = health.agree(step, counts.loss, engine.get_global_grad_norm(), engine.was_step_applied(),
-                              counts.corrupt, counts.images, compute, checkpoints.uploaded(),
-                              signal_received() is not None)
-        if "stopped" in agreed:
-            checkpoints.discard()
-            if rank == 0:
-                print(f"stopping: {agreed['stopped']}", flush=True)
-            final = {**last_metrics, "step": step, "stopped": agreed["stopped"]}
-            if report is not None:
-                report(final)
-            monitor.close()
-            return final
-        if agreed["uploaded"] == world_size:  # every rank stored its part of the save in flight
-            checkpoints.commit()
-        watchdog.arm(t.hang_timeout_s)
-        window_steps += 1
-        window_wait += counts.data_wait
-        window_images += agreed["images"]
-        corrupt += agreed["corrupt"]
-        if step % t.log_every == 0 or step == last_step:
-            elapsed = time.monotonic() - window_start
-            last_metrics = {
-                "step": step, "epoch": batches.epoch, "loss": agreed["loss"], "lr": scheduler.get_last_lr()[0],
-                "images_per_second": window_images / elapsed,
-                "step_seconds": elapsed / window_steps, "data_wait_fraction": window_wait / elapsed,
-                "corrupt_samples": corrupt,
-            }
-            if device.type == "cuda":  # what the planner predicts (python -m coatnet_scale.plan)
-                last_metrics["max_memory_allocated"] = torch.cuda.max_memory_allocated(device)
-            history.append(last_metrics)
-            monitor.log()
-            if rank == 0:
-                print(
-                    f"step {step}/{t.total_steps} loss {last_metrics['loss']:.4f} lr {last_metrics['lr']:.2e} "
-                    f"{last_metrics['images_per_second']:.1f} img/s step {last_metrics['step_seconds']:.3f}s "
-                    f"data-wait {last_metrics['data_wait_fraction']:.0%}",
-                    flush=True,
-                )
-            window_start, window_steps, window_wait, window_images = time.monotonic(), 0, 0.0, 0
-        if validation is not None and t.eval_every and step % t.eval_every == 0 and step < last_step:
-            watchdog.arm(t.startup_timeout_s)
-            result = evaluate_with_ema(engine, validation, device, ema)
-            monitor.evaluated(result)
-            watchdog.arm(t.hang_timeout_s)
-            if rank == 0:
-                print(f"eval step {step}: {describe(result)}", flush=True)
-        # A reclaim notice (Ray) or a stop signal (without Ray): save now (docs/elastic.md, "Preemption").
-        interrupted = _interruption(agreed["signalled"], notices.new(step), notices, step, rank)
-        if interrupted is not None and "preemption" in interrupted:
-            monitor.preempted()
-        due = (step % config.checkpoint.every_steps == 0 or (step == last_step and config.checkpoint.at_end)
-               or interrupted is not None)
-        if due and not health.healthy:
-            if rank == 0:
+        counts = train_step(self.engine, self.scheduler, self.batches, self.health.device, self.t, self.monitor,
+                            self.ema, step, self.faults.nan(step), self.faults.inf_grad(step))
+        self.faults.delay(step)
+        return counts, time.monotonic() - started - counts.data_wait
+
+    def _roll_back(self, agreed: Agreed) -> str | None:
+        """Trouble: roll back (raises Rollback), or, past train.max_rollbacks, why the run stops."""
+        return None if agreed.trouble is None else self.health.roll_back(agreed.step, agreed.trouble)
+
+    def _settle_upload(self, agreed: Agreed) -> str | None:
+        """The save in flight: marked once stored on every rank, dropped on every rank once one
+        failed; too many failed in a row stop the run (the reason is returned)."""
+        if agreed.upload == "stored":
+            self._commit()
+        elif agreed.upload == "failed":
+            self._drop_failed_save()
+        return self._failed_saves_stop()
+
+    def _commit(self) -> None:
+        self.checkpoints.commit()
+
+    def _drop_failed_save(self) -> None:
+        self.watchdog.arm(self.t.startup_timeout_s)  # the others' uploads are stopped and waited for (bounded)
+        self.checkpoints.drop()
+
+    def _failed_saves_stop(self) -> str | None:
+        limit = self.config.checkpoint.max_failed_saves
+        if self.checkpoints.failed_in_a_row < limit:
+            return None
+        return (f"{self.checkpoints.failed_in_a_row} checkpoint saves in a row could not be stored in "
+                f"{self.checkpoints.url} (checkpoint.max_failed_saves {limit}); the last: {self.last_save_error}")
+
+    def _save_failed(self, saved, errors: list[tuple[int, str]]) -> None:
+        """Checkpoints.on_failed: a save dropped on every rank. Counted; rank 0 names each rank
+        that failed and its error."""
+        self.monitor.checkpoint_failed()
+        self.last_save_error = "; ".join(f"rank {r}: {e}" for r, e in errors) or "its upload was stopped"
+        if self.rank == 0:
+            print(f"checkpoint step {saved.step} dropped on every rank (no marker; its files removed): "
+                  f"{self.last_save_error}; {self.checkpoints.failed_in_a_row} save(s) in a row failed "
+                  f"(checkpoint.max_failed_saves {self.config.checkpoint.max_failed_saves}); the next save tries "
+                  f"again", flush=True)
+
+    def _stop(self, step: int, reason: str) -> dict:
+        """The run stops on purpose (exit 78; engine/failures.py records it so it stays stopped)."""
+        self.checkpoints.discard()
+        if self.rank == 0:
+            print(f"stopping: {reason}", flush=True)
+        final = {**self.last_metrics, "step": step, "stopped": reason}
+        if self.report is not None:
+            self.report(final)
+        self.monitor.close()
+        return final
+
+    def _log(self, agreed: Agreed, counts: StepCounts) -> None:
+        """The log window's sums; every `train.log_every` steps a line, figures and history."""
+        self.window.add(counts, agreed)
+        self.corrupt += agreed.corrupt
+        step, w = agreed.step, self.window
+        if step % self.t.log_every and step != self.last_step:
+            return
+        elapsed = time.monotonic() - w.start
+        self.last_metrics = {
+            "step": step, "epoch": self.batches.epoch, "loss": agreed.loss, "lr": self.scheduler.get_last_lr()[0],
+            "images_per_second": w.images / elapsed, "step_seconds": elapsed / w.steps,
+            "data_wait_fraction": w.wait / elapsed, "corrupt_samples": self.corrupt,
+        }
+        if self.health.device.type == "cuda":  # what the planner predicts (python -m coatnet_scale.plan)
+            self.last_metrics["max_memory_allocated"] = torch.cuda.max_memory_allocated(self.health.device)
+        self.history.append(self.last_metrics)
+        self.monitor.log()
+        if self.rank == 0:
+            m = self.last_metrics
+            print(f"step {step}/{self.t.total_steps} loss {m['loss']:.4f} lr {m['lr']:.2e} "
+                  f"{m['images_per_second']:.1f} img/s step {m['step_seconds']:.3f}s "
+                  f"data-wait {m['data_wait_fraction']:.0%}", flush=True)
+        self.window = LogWindow()
+
+    def _evaluate(self, step: int) -> None:
+        t = self.t
+        if self.validation is None or not t.eval_every or step % t.eval_every or step >= self.last_step:
+            return
+        self.watchdog.arm(t.startup_timeout_s)
+        result = evaluate_with_ema(self.engine, self.validation, self.health.device, self.ema)
+        self.monitor.evaluated(result)
+        self.watchdog.arm(t.hang_timeout_s)
+        if self.rank == 0:
+            print(f"eval step {step}: {describe(result)}", flush=True)
+
+    def _drain(self, agreed: Agreed) -> dict | None:
+        """A stop signal (any rank's, from the all-reduce) or a new reclaim notice: what the
+        marker of the checkpoint saved now records, or None. One that comes while steps are
+        skipped waits in `notices.pending` (which outlives a rollback) for the next step that
+        is not: a drain is never lost."""
+        n, step = self.notices, agreed.step
+        if n.pending is None:
+            n.pending = _interruption(agreed.signalled, n.new(step))
+            if n.pending is not None:
+                n.pending_text = _describe_drain(n.pending, agreed.signalled, n, step)
+            if n.pending is not None and "preemption" in n.pending:
+                self.monitor.preempted()
+            if n.pending is not None and not self.health.healthy and self.rank == 0:
+                print(f"{n.pending_text}: step {step} was skipped, so the checkpoint waits for the next step that "
+                      f"is not", flush=True)
+        if n.pending is None or not self.health.healthy:
+            return None
+        note, n.pending = n.pending, None
+        if self.rank == 0:
+            print(f"{n.pending_text}: saving a checkpoint at step {step}"
+                  + (f" and exiting (code {EXIT_RESUMABLE}); the same command resumes" if "signal" in note
+                     else ", then training on until the node goes"), flush=True)
+        return note
+
+    def _save(self, step: int, note: dict | None) -> str | None:
+        """A checkpoint when due: every checkpoint.every_steps, the last step, a drain (`note`).
+        The last and a drain's wait for their marker, retried at once when dropped; others
+        upload in the background (when on). Returns why the run stops, if it must."""
+        c = self.config.checkpoint
+        if not (step % c.every_steps == 0 or (step == self.last_step and c.at_end) or note is not None):
+            return None
+        if not self.health.healthy:
+            if self.rank == 0:
                 print(f"checkpoint step {step} not written: steps are being skipped", flush=True)
-        elif due:
-            watchdog.arm(t.startup_timeout_s)
-            trainer_state = {"step": step, "epoch": batches.epoch, "batch_in_epoch": batches.batch_in_epoch,
-                             "rng": _rng_state(), "phases": [list(astuple(p)) for p in batches.phases],
-                             "data_group": group}
-            if ema is not None:
-                trainer_state["ema"] = ema.state_dict()
-            # The run's last save, and one on a notice or a signal, wait for their marker; others
-            # upload in the background (when on).
-            saved = checkpoints.save(engine, step, trainer_state, wait=step == last_step or interrupted is not None,
-                                     note=interrupted)
-            watchdog.arm(t.hang_timeout_s)
-            monitor.checkpoint_saved(saved.blocked, checkpoints.pending is not None)
-            last_metrics["checkpoint_seconds"] = saved.blocked
-            if rank == 0 and not saved.complete:
-                print(f"checkpoint step {step} staged in {saved.blocked:.2f}s; uploading to {checkpoints.url} in the "
-                      f"background", flush=True)
-        if interrupted is not None and "signal" in interrupted:
-            monitor.linger_seconds = 0  # the signal's sender waits for this process to end
-            last_metrics["interrupted"] = interrupted["signal"]
-            break
-    waited = time.monotonic()
-    watchdog.arm(t.startup_timeout_s)  # an upload may outlast a step's timeout
-    checkpoints.wait()  # a periodic save still in flight (checkpoint.at_end off) gets its marker
-    final = {**last_metrics, "step": step, "checkpoint_blocked_seconds": checkpoints.blocked_seconds,
-             "checkpoint_saves": checkpoints.saves, "checkpoint_final_wait_seconds": time.monotonic() - waited}
-    if validation is not None and step == t.total_steps:
-        watchdog.arm(t.startup_timeout_s)
-        result = evaluate_with_ema(engine, validation, device, ema)
-        monitor.evaluated(result)
-        final.update({f"val_{k}": v for k, v in result.items() if k != "samples"})
-        if rank == 0:
-            print(f"final eval: {describe(result)}", flush=True)
+            return None
+        self.watchdog.arm(self.t.startup_timeout_s)
+        wait = step == self.last_step or note is not None
+        saved = self.checkpoints.save(self.engine, step, self._trainer_state(step), wait=wait, note=note)
+        while wait and not saved.complete and self._failed_saves_stop() is None:
+            saved = self.checkpoints.save(self.engine, step, self._trainer_state(step), wait=True, note=note)
+        self.watchdog.arm(self.t.hang_timeout_s)
+        self.monitor.checkpoint_saved(saved.blocked, self.checkpoints.pending is not None)
+        self.last_metrics["checkpoint_seconds"] = saved.blocked
+        if self.rank == 0 and not saved.complete and not wait:
+            print(f"checkpoint step {step} staged in {saved.blocked:.2f}s; uploading to {self.checkpoints.url} in the "
+                  f"background", flush=True)
+        return self._failed_saves_stop() if wait and not saved.complete else None
+
+    def _trainer_state(self, step: int) -> dict:
+        b = self.batches
+        state = {"step": step, "epoch": b.epoch, "batch_in_epoch": b.batch_in_epoch, "rng": _rng_state(),
+                 "phases": [list(astuple(p)) for p in b.phases], "data_group": self.group}
+        if self.ema is not None:
+            state["ema"] = self.ema.state_dict()
+        return state
+
+    def _finish(self, step: int) -> dict:
+        """The save in flight marked, the final evaluation, the run's figures written and reported."""
+        waited = time.monotonic()
+        self.watchdog.arm(self.t.startup_timeout_s)  # an upload may outlast a step's timeout
+        self.checkpoints.wait()  # a periodic save still in flight (checkpoint.at_end off) gets its marker
+        final = {**self.last_metrics, "step": step, "checkpoint_blocked_seconds": self.checkpoints.blocked_seconds,
+                 "checkpoint_saves": self.checkpoints.saves, "checkpoint_failed_saves": self.checkpoints.failed_saves,
+                 "checkpoint_final_wait_seconds": time.monotonic() - waited}
+        if self.validation is not None and step == self.t.total_steps:
+            self.watchdog.arm(self.t.startup_timeout_s)
+            result = evaluate_with_ema(self.engine, self.validation, self.health.device, self.ema)
+            self.monitor.evaluated(result)
+            final.update({f"val_{k}": v for k, v in result.items() if k != "samples"})
+            if self.rank == 0:
+                print(f"final eval: {describe(result)}", flush=True)
+        if self.rank == 0:
+            _write_metrics(self.config, step, final, self.history)
+        if self.report is not None:
+            self.report(final)
+        self.monitor.close()  # after monitoring.linger_seconds, so the final values get scraped
+        return final
+
+
+def _write_metrics(config: Config, step: int, final: dict, history: list[dict]) -> None:
+    """This job's logged steps and final figures, for the driver and for people; a job that
+    had nothing left to do keeps the file of the one that did the work."""
     fs, path = url_to_fs(run_url(config), storage_options(config.storage))
     metrics_file = f"{path}/metrics-step{step:09d}.json"
-    # This job's logged steps and final figures, for the driver and for people; a job that had
-    # nothing left to do keeps the file of the one that did the work.
-    if rank == 0 and (history or not fs.exists(metrics_file)):
+    if history or not fs.exists(metrics_file):
         if "://" not in config.storage.url:  # no checkpoint may have made the run's folder
             fs.makedirs(path, exist_ok=True)
         fs.pipe_file(metrics_file, json.dumps({"final": final, "history": history}, indent=1).encode())
-    if report is not None:
-        report(final)
-    monitor.close()  # after monitoring.linger_seconds, so the final values get scraped
-    return final
 
 
 def _checkpoint_complete(saved, url: str, rank: int, health: Health, monitor, notices: Notices) -> None:
@@ -630,21 +803,22 @@ def _checkpoint_complete(saved, url: str, rank: int, health: Health, monitor, no
               f"files in {saved.upload_seconds:.2f}s" + (f" ({', '.join(saved.note)})" if saved.note else ""), flush=True)
 
 
-def _interruption(signalled: int, notice: dict | None, notices: Notices, step: int, rank: int) -> dict | None:
-    """What the marker of a checkpoint saved now records, or None: {"signal": NAME} when a stop
-    signal reached any rank (this step's all-reduce says so), {"preemption": notice} on a new
-    reclaim notice. Rank 0 logs it."""
+def _interruption(signalled: int, notice: dict | None) -> dict | None:
+    """What the marker of a checkpoint saved for a drain records, or None: {"signal": NAME} when
+    a stop signal reached any rank (this step's all-reduce says so), or {"preemption": notice}
+    on a new reclaim notice."""
     if signalled:
         name = signal_received() or "SIGTERM/SIGUSR1"  # a rank that caught none names what others caught
-        if rank == 0:
-            print(f"signal: {name} reached {signalled} rank(s): saving a checkpoint at step {step} and exiting "
-                  f"(code {EXIT_RESUMABLE}); the same command resumes", flush=True)
         return {"signal": name}
     if notice is not None:
-        if rank == 0:
-            print(notices.describe(notice, step), flush=True)
         return {"preemption": notice}
     return None
+
+
+def _describe_drain(note: dict, signalled: int, notices: Notices, step: int) -> str:
+    if "signal" in note:
+        return f"signal: {note['signal']} reached {signalled} rank(s)"
+    return notices.describe(note["preemption"], step)
 
 
 def train_worker(loop_config: dict) -> None:

@@ -8,6 +8,7 @@ from coatnet_scale.models.coatnet import (
     create_model,
     list_models,
     resize_relative_position,
+    unknown_model,
 )
 
 __all__ = [
@@ -19,4 +20,5 @@ __all__ = [
     "create_model",
     "list_models",
     "resize_relative_position",
+    "unknown_model",
 ]

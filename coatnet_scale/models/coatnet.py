@@ -12,6 +12,7 @@ device allocates nothing.
 from __future__ import annotations
 
 import contextlib
+import difflib
 import functools
 import math
 from dataclasses import dataclass
@@ -381,14 +382,24 @@ def create_model(
     channels_last: bool = False,
 ) -> CoAtNet:
     """Build a registered CoAtNet. Use `with torch.device("meta"):` to build without memory."""
-    if name not in MODEL_SPECS:
-        raise ValueError(f"unknown model {name!r}; registered: {', '.join(MODEL_SPECS)}")
+    problem = unknown_model(name)
+    if problem:
+        raise ValueError(f"model.name {name!r}: {problem}")
     return CoAtNet(MODEL_SPECS[name], num_classes, image_size, drop_path_rate, checkpointing or Checkpointing(),
                    channels_last)
 
 
 def list_models() -> list[str]:
     return list(MODEL_SPECS)
+
+
+def unknown_model(name: str) -> str | None:
+    """Why `name` names no registered model (with the nearest name), or None."""
+    if name in MODEL_SPECS:
+        return None
+    close = difflib.get_close_matches(name, list(MODEL_SPECS), n=1)
+    hint = f"did you mean {close[0]}? " if close else ""
+    return f"unknown model; {hint}registered: {', '.join(MODEL_SPECS)}"
 
 
 def resize_relative_position(
