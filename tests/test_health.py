@@ -1,10 +1,12 @@
 """Run health (engine/health.py, engine/watchdog.py, engine/faults.py): the verdicts on one rank,
-then real runs under torchrun: a diverging run (lr 50) stopped with exit 1, a frozen rank's peer
-dumping its stacks and all ending. test_finetune.py's Ray run has the rest: a NaN rolled back
+then real runs: a diverging run (lr 50) stopped with exit 78 and staying stopped, a frozen
+rank's peer (under torchrun) dumping its stacks, all ending, and the run resuming. test_finetune.py's Ray run has the rest: a NaN rolled back
 with its skipped samples listed by the keys CLI, a frozen worker caught and resumed, a slow rank
 named, and the run in its accuracy band."""
+import json
 import math
 import os
+import re
 import subprocess
 import sys
 import time
@@ -91,30 +93,67 @@ def torchrun(tmp_path, corpus, fault: str, *overrides: str, processes: int = 2, 
     return result, time.monotonic() - start
 
 
+def pretrain(tmp_path, corpus, fault: str, *overrides: str, timeout: float = 600):
+    """One process, launched directly, so its exit code is the loop's (torchrun's is 1 for any)."""
+    settings = [f"storage.url={tmp_path}", f"data.train_manifest={corpus}/train/manifest.json",
+                f"data.val_manifest={corpus}/val/manifest.json", "monitoring.enabled=false", "data.num_workers=0",
+                *overrides]
+    command = [sys.executable, "-m", "coatnet_scale.pretrain", "--config", str(TINY), "--without-ray",
+               *(f"--set={s}" for s in settings)]
+    return subprocess.run(command, capture_output=True, text=True, cwd=REPO, timeout=timeout,
+                          env={**os.environ, "COATNET_SCALE_FAULT": fault})
+
+
 @pytest.mark.slow
-def test_a_diverging_run_stops_with_exit_1(demo_corpus, tmp_path):
-    """The issue's lr 50, on one process: steps skipped, rolled back once, then stopped, loudly;
-    no checkpoint is written once steps are being skipped."""
-    result, _ = torchrun(tmp_path, demo_corpus, "", "train.lr=50", "train.warmup_steps=2", "train.total_steps=60",
-                         "checkpoint.every_steps=3", "train.max_rollbacks=1", "data.num_workers=0", processes=1)
+def test_a_diverging_run_stops_with_exit_78_and_stays_stopped(demo_corpus, tmp_path):
+    """The issue's lr 50: steps skipped, rolled back once, then stopped, loudly, with the
+    do-not-requeue code; no checkpoint is written once steps are being skipped. The same command
+    again refuses at once with one line naming the reason and the switch; the switch starts it
+    from the newest complete checkpoint."""
+    diverging = ["train.lr=50", "train.warmup_steps=2", "train.total_steps=60", "checkpoint.every_steps=3",
+                 "train.max_rollbacks=1"]
+    result = pretrain(tmp_path, demo_corpus, "", *diverging)
     output = result.stdout + result.stderr
-    assert result.returncode == 1, output[-4000:]
+    assert result.returncode == 78, output[-4000:]
     assert "finished" not in output
     stop = next(line for line in result.stderr.splitlines() if line.startswith("pretrain: tiny stopped: step "))
     assert "after 1 rollback(s) to the last good checkpoint" in stop and "train.max_rollbacks 1" in stop
+    assert stop.endswith("run once with --set train.override_stop=true (exit code 78)"), stop
     (record,) = read_rollbacks(str(tmp_path / "tiny"), {})
     trouble = record["first_bad_step"]
     written = [int(p.parent.name[len("step_"):]) for p in (tmp_path / "tiny" / "checkpoints").glob("*/COMPLETE.json")]
-    assert all(step < trouble for step in written), (written, record)
+    assert written and all(step < trouble for step in written), (written, record)
+    reason = json.loads((tmp_path / "tiny" / "STOPPED.json").read_text())["reason"]
+
+    again = pretrain(tmp_path, demo_corpus, "", *diverging)  # a requeue, or the command run again
+    refusals = [line for line in again.stderr.splitlines() if line.startswith("pretrain: tiny stopped:")]
+    assert again.returncode == 78 and len(refusals) == 1, again.stdout[-3000:] + again.stderr[-3000:]
+    assert refusals[0].startswith("pretrain: tiny stopped: refusing to start: the run was stopped on purpose at ")
+    assert reason in refusals[0] and "--set train.override_stop=true" in refusals[0]
+    assert "ZeRO-" not in again.stdout  # no engine was built
+
+    # Overridden: it starts, from the newest complete checkpoint (ending there: stop_at_step).
+    start = max(written)
+    fixed = pretrain(tmp_path, demo_corpus, "", *diverging, f"train.stop_at_step={start}", "train.override_stop=true")
+    assert fixed.returncode == 0, fixed.stdout[-3000:] + fixed.stderr[-3000:]
+    assert "train.override_stop: starting although the run was stopped at" in fixed.stdout
+    assert f"tiny/checkpoints/step_{start:09d}: step {start}," in fixed.stdout
+    assert not (tmp_path / "tiny" / "STOPPED.json").exists()
+    assert len(list((tmp_path / "tiny").glob("STOPPED-overridden-*.json"))) == 1
 
 
 @pytest.mark.slow
 def test_a_frozen_rank_under_torchrun_its_peer_dumps_and_all_end(demo_corpus, tmp_path):
-    """Rank 1 stops itself (SIGSTOP) at step 3. Rank 0 waits in a collective until its watchdog
-    (hang_timeout_s 15) dumps its stacks and ends it; torchrun then ends the frozen rank."""
-    result, seconds = torchrun(tmp_path, demo_corpus, "hang@step=3,rank=1", "train.hang_timeout_s=15",
-                               "train.total_steps=20")
-    assert result.returncode != 0
+    """Rank 1 stops itself (SIGSTOP) at step 3, after the checkpoint of step 2. Rank 0 waits in a
+    collective until its watchdog (hang_timeout_s 15) dumps its stacks and exits 1; torchrun
+    then ends the frozen rank. The same command resumes from step 2 and finishes."""
+    settings = ("train.hang_timeout_s=15", "train.total_steps=4", "checkpoint.every_steps=2")
+    result, seconds = torchrun(tmp_path, demo_corpus, "hang@step=3,rank=1", *settings)
+    output = result.stdout + result.stderr
+    # torchrun exits 1 and names the first failure: rank 0, ended by its watchdog with code 1.
+    assert result.returncode == 1, output[-3000:]
+    assert re.search(r"Root Cause \(first observed failure\):\s*\[0\]:(.*\n){0,3}\s*rank\s*: 0 \(local_rank: 0\)\s*"
+                     r"\n\s*exitcode\s*: 1 ", output), output[-3000:]
     dumps = {p.name: p.read_text() for p in (tmp_path / "tiny" / "diagnostics" / "standalone").iterdir()}
     stacks = next(text for name, text in dumps.items() if "-rank00000-" in name)
     assert "most recent call first" in stacks and "worker.py" in stacks, stacks[-2000:]
@@ -123,3 +162,9 @@ def test_a_frozen_rank_under_torchrun_its_peer_dumps_and_all_end(demo_corpus, tm
     with pytest.raises(ProcessLookupError):
         os.kill(int(frozen.rsplit("-pid", 1)[1].removesuffix(".txt")), 0)
     assert "watchdog: a rank whose step takes over 15 s" in result.stdout
+    saved = sorted(p.parent.name for p in (tmp_path / "tiny" / "checkpoints").glob("*/COMPLETE.json"))
+    assert saved == ["step_000000002"], saved
+    resumed, _ = torchrun(tmp_path, demo_corpus, "hang@step=3,rank=1", *settings)  # the fault fired once: a clean run
+    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
+    assert f"resumed from {tmp_path}/tiny/checkpoints/step_000000002: step 2, epoch 0" in resumed.stdout
+    assert "step 4/4" in resumed.stdout

@@ -2,6 +2,7 @@
 and fast failure on bad configs. The run on a real `ray start` cluster, with a killed worker,
 is in test_finetune.py, where the fine-tuning hand-off starts from it."""
 import json
+import os
 import re
 import shutil
 import signal
@@ -66,66 +67,99 @@ def test_more_workers_than_the_cluster_holds(demo_corpus, tmp_path):
     assert "RayTrainWorker" not in result.stdout + result.stderr
 
 
+def scrape(url: str) -> str:
+    import urllib.request
+
+    with urllib.request.urlopen(f"http://{url}/metrics", timeout=10) as response:
+        return response.read().decode()
+
+
 @pytest.mark.slow
 def test_resume_after_a_signal_is_bit_identical(demo_corpus, tmp_path, s3_endpoint, s3_bucket):
-    """44 steps straight == SIGTERM to torchrun after step 40, the checkpoint the ranks saved at
-    the next step boundary (exit code 75), the same command again: the same losses and EMA to
-    the last bit, with stochastic depth on (RNG states) and checkpointing mid-epoch (loader
-    position). Two ranks under ZeRO-3 through the loop's torchrun launcher: the loop Ray runs,
-    without Ray's start-up (test_elastic.py saves on Ray's reclaim notice). The straight run
-    saves synchronously to a local folder; the signalled one to S3 with background upload (the
-    default there): its periodic saves upload while the next steps train, and the signal's save
-    waits for the one in flight, then for its own marker."""
+    """44 steps straight == SIGTERM to torchrun in a window of skipped steps (38-40), the
+    checkpoint the ranks saved at the first step after it (41; exit code 75), the same command
+    again: the same losses, weights and EMA to the last bit, with stochastic depth on (RNG
+    states) and checkpointing mid-epoch (loader position). Two ranks under ZeRO-3 through the
+    loop's torchrun launcher. The straight run saves synchronously to a local folder; the
+    signalled one to S3 with background upload, where rank 1's upload of step 20 fails for real
+    (the bucket it writes to does not exist): the save is dropped on both ranks, named and
+    counted, training goes on, and the signal's save completes."""
     import s3fs
 
     overrides = [*absolute_data(demo_corpus), "train.total_steps=44", "train.warmup_steps=3",
                  "train.log_every=1", "checkpoint.every_steps=20", "model.drop_path_rate=0.2", "data.randaugment_ops=2",
-                 "train.ema_decay=0.5", "monitoring.enabled=false"]
+                 "train.ema_decay=0.5", "train.max_skipped_steps=4"]
     torchrun = [str(Path(sys.executable).parent / "torchrun"), "--nproc-per-node=2", "-m", "coatnet_scale.pretrain",
                 "--config", str(TINY), "--without-ray"]
     runs = f"s3://{s3_bucket}/runs"
     storage = {"resumed": runs, "straight": str(tmp_path)}
+    skips = "infgrad@step=38,steps=3"  # DeepSpeed skips steps 38-40 (infinite gradients): in both runs
+    faults = {"resumed": f"{skips};failupload@step=20,rank=1;slow@step=37,rank=0,seconds=1", "straight": skips}
+    monitoring = {"resumed": ["monitoring.enabled=true"], "straight": ["monitoring.enabled=false"]}
 
     def command(run: str) -> list[str]:
-        return [*torchrun, *(f"--set={o}" for o in [*overrides, f"storage.url={storage[run]}", f"run_name={run}"])]
+        settings = [*overrides, *monitoring[run], f"storage.url={storage[run]}", f"run_name={run}"]
+        return [*torchrun, *(f"--set={o}" for o in settings)]
 
+    fs = s3fs.S3FileSystem(endpoint_url=s3_endpoint, skip_instance_cache=True)
+    env = {**os.environ, "COATNET_SCALE_FAULT": faults["resumed"]}
     # The signalled run first, alone on the cores, so the straight run's time is not in its window.
     with subprocess.Popen(command("resumed"), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                          cwd=REPO) as process:
-        output = ""
+                          cwd=REPO, env=env) as process:
+        output, counted = "", ""
         for line in process.stdout:
             output += line
-            if line.startswith("step 40/44"):
+            if line.startswith("checkpoint step 20 dropped"):  # rank 1's exporter, listed in the run's targets
+                targets = json.loads(fs.cat_file(f"{s3_bucket}/runs/prometheus/resumed.json"))
+                exporter = next(t["targets"][0] for t in targets if t["labels"]["rank"] == "1")
+                for _ in range(20):  # rank 1 counts it at the same step boundary as rank 0 logs it
+                    counted = scrape(exporter)
+                    if "coatnet_checkpoint_failed_saves_total" in counted and " 1.0" in counted:
+                        break
+                    time.sleep(0.25)
+            if line.startswith("step 38 skipped"):  # the signal lands while steps 39-40 are skipped
                 process.send_signal(signal.SIGTERM)
                 break
         output += process.stdout.read()
         process.wait(timeout=120)
-    saved = re.search(r"signal: SIGTERM reached 2 rank\(s\): saving a checkpoint at step (\d+)", output)
-    assert saved, output[-3000:]
-    step = int(saved.group(1))
-    fs = s3fs.S3FileSystem(endpoint_url=s3_endpoint, skip_instance_cache=True)
+    # Step 20's save: dropped on every rank, named, counted; no file, no marker.
+    assert ("checkpoint step 20 dropped on every rank (no marker; its files removed): rank 1: FileNotFoundError: "
+            "The specified bucket does not exist; 1 save(s) in a row failed") in output, output[-3000:]
+    assert re.search(r'coatnet_checkpoint_failed_saves_total\{[^}]*rank="1"[^}]*\} 1\.0', counted), counted[-2000:]
+    assert not fs.exists(f"{s3_bucket}/runs/resumed/checkpoints/step_000000020")
+    # The signal, caught in the skip window, waited for the first step that was not skipped.
+    deferred = re.search(r"signal: SIGTERM reached 2 rank\(s\): step (39|40) was skipped, so the checkpoint waits",
+                         output)
+    assert deferred and "checkpoint step 40 not written: steps are being skipped" in output, output[-3000:]
+    assert "signal: SIGTERM reached 2 rank(s): saving a checkpoint at step 41 and exiting (code 75)" in output
+    step = 41
     marker = json.loads(fs.cat_file(f"{s3_bucket}/runs/resumed/checkpoints/step_{step:09d}/COMPLETE.json"))
-    assert step >= 41 and marker["step"] == step and marker["signal"] == "SIGTERM"
+    assert marker["step"] == step and marker["signal"] == "SIGTERM"
     assert "checkpoint step 20 staged" in output and "uploading to" in output  # in the background
-    # Every rank returned 75 (rank 0 says so); torchrun, signalled itself, does not exit 0.
-    assert "stopped on SIGTERM at step" in output and "(exit code 75)" in output and process.returncode != 0, \
-        output[-3000:]
+    # Every rank exited 75 (torchrun lists each child's code, and itself exits 1).
+    assert "stopped on SIGTERM at step 41" in output and "(exit code 75)" in output, output[-3000:]
+    assert re.search(r"exitcode\s*:\s*75", output) and process.returncode == 1, output[-3000:]
     for run in ("resumed", "straight"):
-        result = subprocess.run(command(run), capture_output=True, text=True, cwd=REPO, timeout=600)
+        result = subprocess.run(command(run), capture_output=True, text=True, cwd=REPO, timeout=600,
+                                env={**os.environ, "COATNET_SCALE_FAULT": faults[run]})
         assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
         output += result.stdout + result.stderr
-    assert f"step {step}, epoch" in output and "saved on a signal notice" in output
+    assert f"resumed from {runs}/resumed/checkpoints/step_{step:09d}: step {step}, epoch" in output
+    assert "saved on a signal notice" in output
     straight = read_metrics(tmp_path, "straight")["history"]
     first = json.loads(fs.cat_file(f"{s3_bucket}/runs/resumed/metrics-step{step:09d}.json"))["history"]
     second = json.loads(fs.cat_file(f"{s3_bucket}/runs/resumed/metrics-step000000044.json"))["history"]
     assert [h["step"] for h in first + second] == list(range(1, 45))
     assert [h["loss"] for h in first + second] == [h["loss"] for h in straight]
-    # The EMA, kept per rank under ZeRO-3, resumed with the rest: the same averaged weights.
+    assert [h["step"] for h in second] == [42, 43, 44]  # several steps after the resume, each equal
+    # The weights, and the EMA (kept per rank under ZeRO-3), resumed with the rest: the same bits.
     from coatnet_scale.engine.consolidate import consolidate
 
-    straight_ema, _ = consolidate(str(tmp_path / "straight"), weights="ema")
-    resumed_ema, _ = consolidate(f"{runs}/resumed", {"endpoint_url": s3_endpoint}, weights="ema")
-    assert all(torch.equal(straight_ema[k], resumed_ema[k]) for k in straight_ema)
+    for weights in ("raw", "ema"):
+        straight_weights, _ = consolidate(str(tmp_path / "straight"), weights=weights)
+        resumed_weights, _ = consolidate(f"{runs}/resumed", {"endpoint_url": s3_endpoint}, weights=weights)
+        assert straight_weights.keys() == resumed_weights.keys()
+        assert all(torch.equal(straight_weights[k], resumed_weights[k]) for k in straight_weights), weights
 
 
 @pytest.mark.slow

@@ -129,12 +129,7 @@ def start_training_monitor(config: Config, rank: int, world_size: int, device, s
     address = (node_ip or "127.0.0.1") if m.address == "node" else m.address
     monitor.exporter = serve(monitor.registry, address, port, f"rank {rank} metrics")
     target = f"{advertised_host(address, node_ip)}:{monitor.exporter.port}" if monitor.exporter else None
-    restarts = 0
-    if rank == 0 and job_key is not None:
-        try:
-            restarts = record_group_start(f"{config.storage.url.rstrip('/')}/{config.run_name}", options, job_key)
-        except Exception as e:
-            log.warning("cannot record the worker group start in storage (%s); restarts not counted", e)
+    restarts = _group_restarts(config, options, job_key) if rank == 0 and job_key is not None else 0
     mine = (target, labels, restarts, node_ip or labels["node"])
     shared = [mine]
     if dist.is_available() and dist.is_initialized() and world_size > 1:
@@ -146,15 +141,28 @@ def start_training_monitor(config: Config, rank: int, world_size: int, device, s
     monitor.step_number.set(step)
     monitor.epoch.set(epoch)
     if rank == 0:
-        url = targets_url(config)
-        try:
-            listed = [(t, lab) for t, lab, _, _ in shared if t]
-            write_targets(url, listed, options)
-            monitor.withdraw_targets = lambda: remove_targets(url, options)
-            warn_loopback_across_nodes(listed, {node for _, _, _, node in shared})
-            print(f"monitoring: {len(listed)} of {world_size} workers' /metrics listed in {url} (Prometheus file_sd)",
-                  flush=True)
-        except Exception as e:
-            log.warning("cannot write the Prometheus target list %s (%s: %s)", url, type(e).__name__, e)
+        _publish_targets(config, options, shared, monitor)
     monitor.restart_clock()  # the first step is timed from here, not from the setup above
     return monitor
+
+
+def _group_restarts(config: Config, options: dict, job_key: str) -> int:
+    try:
+        return record_group_start(f"{config.storage.url.rstrip('/')}/{config.run_name}", options, job_key)
+    except Exception as e:
+        log.warning("cannot record the worker group start in storage (%s); restarts not counted", e)
+        return 0
+
+
+def _publish_targets(config: Config, options: dict, shared: list[tuple], monitor) -> None:
+    """Rank 0: every rank's scrape target in the run's file_sd list, withdrawn at the end."""
+    url = targets_url(config)
+    try:
+        listed = [(t, lab) for t, lab, _, _ in shared if t]
+        write_targets(url, listed, options)
+        monitor.withdraw_targets = lambda: remove_targets(url, options)
+        warn_loopback_across_nodes(listed, {node for _, _, _, node in shared})
+        print(f"monitoring: {len(listed)} of {len(shared)} workers' /metrics listed in {url} (Prometheus file_sd)",
+              flush=True)
+    except Exception as e:
+        log.warning("cannot write the Prometheus target list %s (%s: %s)", url, type(e).__name__, e)
