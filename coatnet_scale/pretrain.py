@@ -389,7 +389,8 @@ def launch(config: Config, command: str, without_ray: bool = False) -> int:
 
         if OVERRIDE not in str(e):
             e = f"{e}; it stays stopped: a rerun refuses to start until run once with --set {OVERRIDE}=true"
-        print(f"{command}: {config.run_name} stopped: {e} (exit code {EXIT_STOPPED})", file=sys.stderr)
+        if int(os.environ.get("RANK", "0")) == 0:
+            print(f"{command}: {config.run_name} stopped: {e} (exit code {EXIT_STOPPED})", file=sys.stderr)
         return EXIT_STOPPED
     final = metrics.get("final", {})
     summary = ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in final.items())

@@ -168,3 +168,24 @@ def test_a_frozen_rank_under_torchrun_its_peer_dumps_and_all_end(demo_corpus, tm
     assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
     assert f"resumed from {tmp_path}/tiny/checkpoints/step_000000002: step 2, epoch 0" in resumed.stdout
     assert "step 4/4" in resumed.stdout
+
+
+def test_a_rollback_skips_at_most_one_epoch_and_records_the_cut(demo_corpus, tmp_path):
+    """A rollback to a checkpoint far behind the trouble asks to skip more batches than the data
+    holds: it skips one epoch's, from where the checkpoint stood, and says so in its record."""
+    from coatnet_scale.data import train_loader
+
+    config = Config(data={"train_manifest": f"{demo_corpus}/train/manifest.json", "num_workers": 0},
+                    train={"micro_batch_size": 32, "global_batch_size": 32})
+    loader = train_loader(config, 0, 1)
+    per_epoch = loader.batches_in(0)
+    asked = {"time": 0.0, "step": 5000, "first_bad_step": 5000, "reason": "loss spike", "checkpoint": None,
+             "checkpoint_step": 0, "skip_steps": 5000}
+    (tmp_path / "health").mkdir()
+    (tmp_path / "health" / "rollback-1.json").write_text(json.dumps(asked))
+    h = health(tmp_path, read_rollbacks(str(tmp_path), {}))
+    assert h.skip(loader, {"world_size": 1}, 1, 0, 3, ()) == (1, 3, ())  # one epoch on from batch 3
+    (record,) = read_rollbacks(str(tmp_path), {})
+    assert (record["skip_steps"], record["skip_steps_requested"]) == (per_epoch, 5000)
+    assert [(s["epoch"], s["from_batch"], s["to_batch"]) for s in record["skipped"]] == [(0, 3, per_epoch),
+                                                                                         (1, 0, 3)]

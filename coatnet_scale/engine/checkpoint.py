@@ -325,6 +325,8 @@ class Checkpoints:
             except Exception as e:  # unmarked: never resumed from; pruning removes it later
                 print(f"cannot remove the dropped {self.url}/{current.tag} ({type(e).__name__}: {e}); pruning will",
                       flush=True)
+        if self.world_size > 1:
+            dist.barrier()  # removed before any rank stages the next save (perhaps of the same step)
         if self.on_failed is not None:
             self.on_failed(current, errors)
 

@@ -585,6 +585,12 @@ class StepLoop:
         checkpoints.on_failed = self._save_failed
 
     def run(self, step: int) -> dict:
+        try:
+            return self._steps(step)
+        finally:  # the checkpoints outlive this attempt; its loaders must not (their workers end with them)
+            self.checkpoints.on_complete = self.checkpoints.on_failed = None
+
+    def _steps(self, step: int) -> dict:
         while step < self.last_step:
             step += 1
             counts, compute = self._train_step(step)
@@ -744,7 +750,7 @@ class StepLoop:
         self.watchdog.arm(self.t.hang_timeout_s)
         self.monitor.checkpoint_saved(saved.blocked, self.checkpoints.pending is not None)
         self.last_metrics["checkpoint_seconds"] = saved.blocked
-        if self.rank == 0 and not saved.complete and not wait:
+        if self.rank == 0 and self.checkpoints.pending is saved:
             print(f"checkpoint step {step} staged in {saved.blocked:.2f}s; uploading to {self.checkpoints.url} in the "
                   f"background", flush=True)
         return self._failed_saves_stop() if wait and not saved.complete else None
