@@ -358,7 +358,7 @@ def test_staging_left_by_a_dead_process_is_removed(tmp_path):
         f"coatnet_scale_ckpt_rank3_pid{__import__('os').getpid()}_"
 
 
-def test_pruning_removes_the_marker_before_the_files(tmp_path):
+def test_pruning_removes_the_marker_before_the_files(tmp_path, monkeypatch):
     """A removal that stops half-way (here: the process dies in it) must leave an incomplete
     checkpoint, never a complete-looking one with files missing."""
     make_checkpoint(tmp_path, 100)
@@ -367,13 +367,16 @@ def test_pruning_removes_the_marker_before_the_files(tmp_path):
     removed = []
     real_rm = checkpoints.fs.rm
 
+    class Died(BaseException):
+        pass
+
     def rm_then_die(path, recursive=False, **kwargs):
         removed.append(path.rsplit("/", 1)[-1])
         real_rm(path, recursive=recursive, **kwargs)
-        raise KeyboardInterrupt  # the first removal done, the process gone
+        raise Died  # the first removal done, the process gone
 
-    checkpoints.fs.rm = rm_then_die
-    with pytest.raises(KeyboardInterrupt):
+    monkeypatch.setattr(checkpoints.fs, "rm", rm_then_die)  # fsspec shares the instance: undone after the test
+    with pytest.raises(Died):
         checkpoints._prune()
     assert removed == [MARKER] and checkpoints.complete() == [(200, tag_for(200))]
 

@@ -79,6 +79,10 @@ class Notices:
                 "nodes": info.preempted_node_ids}
 
     def describe(self, notice: dict, step: int) -> str:
+        """The log line of a notice saved for at `step`."""
+        return self.situation(notice) + f": saving a checkpoint at step {step}, then training on until the node goes"
+
+    def situation(self, notice: dict) -> str:
         """The start of a notice's log line: who goes, when, and whether a save fits before."""
         text = f"preemption: node(s) {', '.join(notice['nodes'])} (ranks {notice['ranks']}) reclaimed"
         if notice["deadline_ms"] is None:

@@ -716,7 +716,7 @@ class StepLoop:
         if n.pending is None:
             n.pending = _interruption(agreed.signalled, n.new(step))
             if n.pending is not None:
-                n.pending_text = _describe_drain(n.pending, agreed.signalled, n, step)
+                n.pending_text = _describe_drain(n.pending, agreed.signalled, n)
             if n.pending is not None and "preemption" in n.pending:
                 self.monitor.preempted()
             if n.pending is not None and not self.health.healthy and self.rank == 0:
@@ -821,10 +821,10 @@ def _interruption(signalled: int, notice: dict | None) -> dict | None:
     return None
 
 
-def _describe_drain(note: dict, signalled: int, notices: Notices, step: int) -> str:
+def _describe_drain(note: dict, signalled: int, notices: Notices) -> str:
     if "signal" in note:
         return f"signal: {note['signal']} reached {signalled} rank(s)"
-    return notices.describe(note["preemption"], step)
+    return notices.situation(note["preemption"])
 
 
 def train_worker(loop_config: dict) -> None:
