@@ -22,7 +22,9 @@ and model state together).
 Nothing is lost silently: rank 0 writes each rollback to {storage.url}/{run_name}/health/
 rollback-*.json (reason, trouble step, checkpoint, steps skipped), and the attempt that skips
 adds which batches of which epoch it passed over, with the loader's plan, so
-`python -m coatnet_scale.data keys --skipped RUN_URL` lists the samples. After
+`python -m coatnet_scale.data keys --skipped RUN_URL` lists the samples. That record is the
+skip: a later attempt from the same checkpoint, by a group of any shape (a resize), reads on
+from where it ended in the data order, so the samples listed are the samples skipped. After
 `train.max_rollbacks` rollbacks to one checkpoint the next trouble stops the run: the launcher
 prints `pretrain: RUN stopped: …` and exits 1.
 
@@ -41,6 +43,7 @@ from dataclasses import astuple
 
 import torch
 import torch.distributed as dist
+from coatnet_scale.data.plan import Phase
 from coatnet_scale.engine import collectives
 from coatnet_scale.storage import url_to_fs, write_atomic
 
@@ -187,24 +190,41 @@ class Health:
     def skip(self, loader, group: dict, micro_batches_per_step: int, epoch: int,
              batch_in_epoch: int, phases: tuple) -> tuple[int, int, tuple]:
         """Pass over the batches the rollbacks to this attempt's checkpoint asked to skip, in
-        their order; record on each (rank 0, once) which epoch batches that was. Returns the new
-        (epoch, batch_in_epoch, phases)."""
+        their order. The first attempt to skip a record's steps writes which batches of which
+        epoch those were (rank 0, in its data group's terms: samples, not steps); every later
+        attempt, whatever its group's shape, reads on from where that skip ended in the data
+        order, so a resize in between skips the same samples. Returns the new (epoch,
+        batch_in_epoch, phases)."""
         for record in self.records:
             if record["checkpoint"] != self.checkpoint:
                 continue
-            left, spans = record["skip_steps"] * micro_batches_per_step, []
-            while left:
-                end = min(loader.batches_in(epoch, phases), batch_in_epoch + left)
-                spans.append({"epoch": epoch, "phases": [list(astuple(p)) for p in phases], "from_batch": batch_in_epoch,
-                              "to_batch": end, **group})
-                left -= end - batch_in_epoch
-                batch_in_epoch = end
-                if batch_in_epoch >= loader.batches_in(epoch, phases):
-                    epoch, batch_in_epoch, phases = epoch + 1, 0, ()
-            if self.rank == 0 and "skipped" not in record:
+            if record.get("skipped"):
+                end = record["skipped"][-1]
+                epoch, batch_in_epoch, phases = loader.continue_from(
+                    end["epoch"], end["to_batch"], tuple(Phase(*p) for p in end["phases"]),
+                    [end["world_size"], end["num_workers"], end["batch_size"]])
+                continue
+            spans, (epoch, batch_in_epoch, phases) = self._spans(loader, group, record["skip_steps"] * micro_batches_per_step,
+                                                                 epoch, batch_in_epoch, phases)
+            if self.rank == 0:
                 name = record["name"]
                 self._write(name, {**{k: v for k, v in record.items() if k != "name"}, "skipped": spans})
                 print(f"rollback: skipped {record['skip_steps']} steps' batches ({name}): "
                       + "; ".join(f"epoch {s['epoch']} batches {s['from_batch']}-{s['to_batch'] - 1} of each rank"
                                   for s in spans), flush=True)
         return epoch, batch_in_epoch, phases
+
+    @staticmethod
+    def _spans(loader, group: dict, left: int, epoch: int, batch_in_epoch: int, phases: tuple) -> tuple[list, tuple]:
+        """The `left` batches of each rank from a place in the data order, as spans of epochs
+        (each with the plan that names its samples), and the place after them."""
+        spans = []
+        while left:
+            end = min(loader.batches_in(epoch, phases), batch_in_epoch + left)
+            spans.append({"epoch": epoch, "phases": [list(astuple(p)) for p in phases], "from_batch": batch_in_epoch,
+                          "to_batch": end, **group})
+            left -= end - batch_in_epoch
+            batch_in_epoch = end
+            if batch_in_epoch >= loader.batches_in(epoch, phases):
+                epoch, batch_in_epoch, phases = epoch + 1, 0, ()
+        return spans, (epoch, batch_in_epoch, phases)

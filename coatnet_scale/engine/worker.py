@@ -434,16 +434,7 @@ def _train(config: Config, placement: Placement, device: torch.device, checkpoin
         # epoch with the samples the earlier groups (phases) left, each still read once.
         group = [world_size, config.data.num_workers, t.micro_batch_size]
         phases = tuple(Phase(*p) for p in state.get("phases", ()))
-        if "data_group" in state and state["data_group"] != group:
-            phases, batch_in_epoch = (*phases, Phase(*state["data_group"], batch_in_epoch)), 0
-            left = loader.samples_left(epoch, phases)
-            if left < world_size * max(1, config.data.num_workers):  # too few to give every slot one: next epoch
-                if rank == 0 and left:
-                    print(f"data: the last {left} samples of epoch {epoch} are left out: fewer than this group's "
-                          f"{world_size * max(1, config.data.num_workers)} loader slots", flush=True)
-                epoch, phases = epoch + 1, ()
-        if batch_in_epoch >= loader.batches_in(epoch, phases):  # checkpointed at an epoch's end: skip reading it
-            epoch, batch_in_epoch, phases = epoch + 1, 0, ()
+        epoch, batch_in_epoch, phases = loader.continue_from(epoch, batch_in_epoch, phases, state.get("data_group"))
         records = [read_rollbacks(run_url(config), storage_options(config.storage)) if rank == 0 else None]
         if world_size > 1:
             dist.broadcast_object_list(records, src=0)
