@@ -130,16 +130,19 @@ def build_engine(config: Config, use_gpu: bool, initial_weights: bool = False, l
 
 
 def activation_checkpointing(config: Config, use_gpu: bool, bf16: bool) -> Checkpointing:
-    """`model.checkpointing` as configured or, for auto, the planner's choice for this device's
-    memory (cluster.gpu_memory for CPU workers) at this group's size and micro-batch; rank 0
-    logs it with the predicted activation peak."""
+    """`model.checkpointing` as configured or, for auto, the planner's choice for the smallest
+    device memory of the group (cluster.gpu_memory for CPU workers), so every rank builds the
+    same model, at this group's size and micro-batch; rank 0 logs it with the predicted
+    activation peak."""
     if use_gpu:
         memory = torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory
     else:
         memory = (config.cluster.gpu_memory or 0) * GiB
+    memory = collectives.smallest(memory)
     choice = checkpointing_policy(config, dist.get_world_size(), memory, "cuda" if use_gpu else "cpu", 2 if bf16 else 4)
     if dist.get_rank() == 0:
-        print(describe_choice(choice, MODEL_SPECS[config.model.name]), flush=True)
+        print(describe_choice(choice, MODEL_SPECS[config.model.name])
+              + (f" (the group's smallest device: {memory / GiB:.3g} GiB)" if choice.auto else ""), flush=True)
     return choice.policy
 
 
