@@ -107,7 +107,7 @@ def build_engine(config: Config, use_gpu: bool, initial_weights: bool = False, l
     with deepspeed.zero.Init(config_dict_or_path=ds_config, enabled=config.deepspeed.zero_stage == 3):
         model = create_model(m.name, m.num_classes, m.image_size, m.drop_path_rate, checkpointing, m.channels_last)
     if m.compile == "blocks":
-        compiled = compile_blocks(model, use_gpu)
+        compiled = compile_blocks(model, use_gpu, config.train.micro_batch_size)
         if dist.get_rank() == 0:
             print(f"model.compile=blocks: {compiled} blocks compiled (inductor), each a ZeRO-3 leaf", flush=True)
     if initial_weights:
