@@ -157,6 +157,14 @@ def test_corrupt_sample_skipped_and_counted(manifest, tmp_path, caplog):
     assert sum(b["corrupt"] for b in batches) == 1
     assert len(batches) == loader.batches_per_epoch
     assert any(victim in r.getMessage() and "train-000001.tar" in r.getMessage() for r in caplog.records)
+    # Training batches keep their planned size: the victim's place goes to another view of the
+    # first good sample of its batch, and the corrupt sample is still counted.
+    full = list(StreamingLoader(spec(damaged, 4, workers=0, corrupt_limit=0.05, full_batches=True), 0, 1).epoch(0))
+    planned = list(StreamingLoader(spec(manifest, 4, workers=0), 0, 1).epoch(0))
+    assert [len(b["images"]) for b in full] == [len(b["labels"]) for b in full] == [len(b["keys"]) for b in planned]
+    assert [b["keys"] for b in full] == [b["keys"] for b in batches] and sum(b["corrupt"] for b in full) == 1
+    (hit,) = [b for b in full if b["corrupt"]]
+    assert hit["labels"][-1] == hit["labels"][0] and len(hit["keys"]) == len(hit["labels"]) - 1
 
     strict = StreamingLoader(spec(damaged, 4, workers=0), 0, 1)  # default limit 0.1%: 1 of 53 is too many
     with pytest.raises(CorruptDataError, match=r"1 of 53 samples could not be decoded.*corrupt_limit=0.001"):
@@ -248,3 +256,48 @@ def test_a_resize_at_the_end_of_an_epoch_leaves_nothing_to_plan(manifest):
     everything = Phase(2, 2, 4, loader.batches_per_epoch)
     assert StreamingLoader(spec(manifest, 4, 0), 0, 3).samples_left(0, (everything,)) == 0
     assert StreamingLoader(spec(manifest, 4, 0), 0, 3).samples_left(0, (Phase(2, 2, 4, 2),)) == 53 - 2 * 2 * 4
+
+
+def test_a_rollback_then_a_resize_skips_the_samples_it_lists(manifest, tmp_path):
+    """Issue 27, item 5, through the loader and the rollback record as the worker uses them: 2
+    ranks (batch 2) checkpoint at step 2; a NaN at step 4 rolls back to it, skipping the batches of
+    steps 3-4 and 1 more (train.spike_skip_batches). The next attempt (2 ranks) skips them and
+    records which they were; then, before another checkpoint, the group resizes to 3 ranks (batch
+    3), which resume from step 2 too. What the lineage trained on (2 ranks' batches 0-1, then the
+    3 ranks' rest of the epoch) and what the record lists as skipped (the keys CLI's listing) are
+    the epoch's samples, each once."""
+    import math
+
+    from coatnet_scale.config import Config
+    from coatnet_scale.data.__main__ import skipped_keys
+    from coatnet_scale.engine import collectives
+    from coatnet_scale.engine.health import Health, Rollback, read_rollbacks
+    from coatnet_scale.engine.monitor import Unmonitored
+
+    run, config, checkpoint = str(tmp_path / "run"), Config(train={"spike_skip_batches": 1}), "step_000000002"
+
+    def health(rank: int, records: list) -> Health:
+        h = Health(config, run, {}, rank, 1, ["node"], torch.device("cpu"), checkpoint, 2, records)
+        h.started(Unmonitored())
+        return h
+
+    def skip(loader: StreamingLoader, rank: int, records: list) -> tuple:
+        """What an attempt of `loader`'s group does on resuming from the step-2 checkpoint."""
+        place = loader.continue_from(0, 2, (), [2, 0, 2])  # the checkpoint: 2 ranks, 0 workers, batch 2
+        group = {"manifest": str(manifest), "seed": 0, "shuffle_buffer": 8, "world_size": loader.world_size,
+                 "num_workers": 0, "batch_size": loader.spec.batch_size}
+        return health(rank, records).skip(loader, group, 1, *place)
+
+    with collectives.audit(torch.device("cpu")), pytest.raises(Rollback):
+        health(0, []).agree(4, math.nan, None, True, 0, 4, 0.1)
+    two = [StreamingLoader(spec(manifest, 2, 0), rank, 2) for rank in range(2)]
+    seen = [key for loader in two for _, batch in zip(range(2), loader.epoch(0)) for key in batch["keys"]]
+    records = read_rollbacks(run, {})  # each attempt reads them once, at its start
+    assert [skip(loader, rank, records) for rank, loader in enumerate(two)] == [(0, 5, ())] * 2  # batches 2-4
+    records = read_rollbacks(run, {})
+    three = [StreamingLoader(spec(manifest, 3, 0), rank, 3) for rank in range(3)]
+    for rank, loader in enumerate(three):
+        seen += [key for batch in loader.epoch(*skip(loader, rank, records)) for key in batch["keys"]]
+    skipped = [line.split(" ")[1] for line in skipped_keys(run)]
+    assert len(skipped) == 2 * 3 * 2
+    assert sorted(seen + skipped) == sorted(all_keys(manifest))

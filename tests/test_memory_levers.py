@@ -1,6 +1,7 @@
 """Memory and speed levers (issue 19): `model.checkpointing: auto` chosen by the planner,
 channels-last convolutions, compiled blocks; each proven equal on the CPU under ZeRO-3."""
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -46,9 +47,26 @@ def test_auto_checkpointing_on_cpu_workers_needs_a_budget():
     assert load_config("configs/tiny.yaml", ["model.checkpointing=auto", "cluster.gpu_memory=0.5"]).cluster.gpu_memory == 0.5
 
 
-def levers_on_rank(rank: int, port: int, corpus: str, storage: str, out: str) -> None:
+def with_a_corrupt_image_per_shard(corpus: Path, dest: Path) -> Path:
+    """The demo corpus's training shards with each one's first image zeroed in place (23 of 1438
+    samples undecodable; sizes, so offsets, unchanged). Returns the manifest."""
+    import shutil
+    import tarfile
+
+    shutil.copytree(corpus / "train", dest)
+    for shard in sorted(dest.glob("*.tar")):
+        with tarfile.open(shard) as tar:
+            first = next(m for m in tar if m.name.endswith(".jpg"))
+        with open(shard, "r+b") as f:
+            f.seek(first.offset_data)
+            f.write(b"\0" * first.size)
+    return dest / "manifest.json"
+
+
+def levers_on_rank(rank: int, port: int, corpus: str, train_manifest: str, storage: str, out: str) -> None:
     """One ZeRO-3 rank (fp32, gloo) through the worker loop, several runs in one process."""
     import json
+    import logging
     import os
     import shutil
     from pathlib import Path
@@ -59,11 +77,11 @@ def levers_on_rank(rank: int, port: int, corpus: str, storage: str, out: str) ->
     from coatnet_scale.standalone import init_process_group
 
     init_process_group(use_gpu=False)
-    base = [f"storage.url={storage}", f"data.train_manifest={corpus}/train/manifest.json",
+    # Exact epochs of 1438 samples: 44 batches of 32 and a last one of 30, which runs eager; the
+    # corrupt samples' places are filled, so no compiled block meets another batch size.
+    base = [f"storage.url={storage}", f"data.train_manifest={train_manifest}", "data.corrupt_limit=0.05",
             f"data.val_manifest={corpus}/val/manifest.json", "cluster.num_workers=1", "train.global_batch_size=32",
-            "train.log_every=1", "monitoring.enabled=false", "checkpoint.at_end=false", "checkpoint.keep=2",
-            # 40 full batches an epoch: a last batch of another size would recompile every block.
-            "data.mode=resampled", "data.epoch_samples=1280"]
+            "train.log_every=1", "monitoring.enabled=false", "checkpoint.at_end=false", "checkpoint.keep=2"]
 
     def run(name: str, *overrides: str) -> dict:
         final = train(load_config("configs/tiny.yaml", [*base, f"run_name={name}", *overrides]), Placement(0, 1))
@@ -74,8 +92,20 @@ def levers_on_rank(rank: int, port: int, corpus: str, storage: str, out: str) ->
     results = {"eager": run("eager", *short), "channels_last": run("channels_last", *short, "model.channels_last=true"),
                "eager_checkpointed": run("eager_checkpointed", *short, "model.channels_last=true",
                                          "model.checkpointing.every=1")}
+    # Dynamo's reasons for each recompilation, and its warning when a function hits the limit
+    # (from which on it runs eager).
+    recompiles: list[str] = []
+    handler = logging.Handler()
+    handler.emit = lambda record: recompiles.append(record.getMessage())
+    torch._logging.set_logs(recompiles=True)
+    logging.getLogger("torch._dynamo").addHandler(handler)
     results["compiled"] = run("compiled", "train.total_steps=150", "checkpoint.every_steps=75", "model.channels_last=true",
                               "model.checkpointing.every=1", "model.compile=blocks")
+    logging.getLogger("torch._dynamo").removeHandler(handler)
+    torch._logging.set_logs()
+    from torch._dynamo.utils import counters
+
+    results["dynamo"] = {"graphs": counters["stats"]["unique_graphs"], "recompiles": recompiles}
     # The compiled run's step-75 checkpoint, resumed with every lever off.
     shutil.copytree(Path(storage) / "compiled" / "checkpoints", Path(storage) / "resumed" / "checkpoints")
     shutil.rmtree(Path(storage) / "resumed" / "checkpoints" / "step_000000150")
@@ -100,8 +130,17 @@ def test_channels_last_and_compiled_blocks_train_equal_under_zero3(demo_corpus, 
     import torch.multiprocessing as mp
 
     out = tmp_path / "levers.json"
-    mp.spawn(levers_on_rank, args=(unused_tcp_port, str(demo_corpus), str(tmp_path), str(out)), nprocs=1)
+    train_manifest = with_a_corrupt_image_per_shard(demo_corpus, tmp_path / "corrupt")
+    mp.spawn(levers_on_rank, args=(unused_tcp_port, str(demo_corpus), str(train_manifest), str(tmp_path), str(out)),
+             nprocs=1)
     r = json.loads(out.read_text())
+    # Corrupt samples (filled) and a short last batch (eager) recompiled nothing for the batch
+    # dimension: one graph per block shape (and per recompute), none given up on for eager.
+    assert r["compiled"]["final"]["corrupt_samples"] > 0
+    recompiles = r["dynamo"]["recompiles"]
+    assert r["dynamo"]["graphs"] > 0 and recompiles, "dynamo's recompile log was not captured"
+    assert not [m for m in recompiles if "tensor 'x' size mismatch at index 0" in m], recompiles
+    assert not [m for m in recompiles if "recompile_limit" in m], recompiles
     eager, channels_last, checkpointed = (r[k]["losses"] for k in ("eager", "channels_last", "eager_checkpointed"))
     compiled, resumed = r["compiled"]["losses"], r["resumed"]["losses"]
     for step in ("1", "2", "3", "4"):
@@ -112,3 +151,47 @@ def test_channels_last_and_compiled_blocks_train_equal_under_zero3(demo_corpus, 
     assert sorted(resumed, key=int) == ["76", "77"]
     for step in ("76", "77"):
         assert resumed[step] == pytest.approx(compiled[step], rel=1e-4)
+
+
+def choose_on_rank(rank: int, port: int, memories: list[float], out: str) -> None:
+    """One of two gloo ranks whose devices differ: its config names its own memory."""
+    import json
+    import os
+
+    import torch.distributed as dist
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+    from coatnet_scale.engine.worker import activation_checkpointing
+
+    config = load_config("configs/tiny.yaml", ["model.checkpointing=auto", "model.image_size=96",
+                                               f"cluster.gpu_memory={memories[rank]}"])
+    policy = activation_checkpointing(config, use_gpu=False, bf16=False)
+    Path(f"{out}.{rank}").write_text(json.dumps(policy.chosen(MODEL_SPECS[config.model.name])))
+    dist.destroy_process_group()
+
+
+def test_auto_checkpointing_is_one_choice_for_the_group(unused_tcp_port, tmp_path, capfd):
+    """Issue 27, item 8: rank 0 sees 1 GiB, rank 1 0.5 GiB. Alone, 1 GiB checkpoints no block and
+    0.5 GiB one; together both ranks checkpoint the one block the smaller device needs (a
+    different graph per rank would hang ZeRO-3's collectives), and rank 0 says so once."""
+    import json
+
+    import torch.multiprocessing as mp
+
+    memories = [1.0, 0.5]
+    alone = []
+    for memory in memories:
+        config = load_config("configs/tiny.yaml", ["model.checkpointing=auto", "model.image_size=96",
+                                                   f"cluster.gpu_memory={memory}"])
+        alone.append(checkpointing_policy(config, 2, memory * GiB, "cpu", 4).policy.chosen(MODEL_SPECS["coatnet_pico"]))
+    assert alone == [[], [0]]
+    import coatnet_scale.engine.worker  # noqa: F401  (once, here: the forked ranks inherit it)
+
+    capfd.readouterr()
+    mp.start_processes(choose_on_rank, args=(unused_tcp_port, memories, str(tmp_path / "chosen")), nprocs=2,
+                       start_method="fork")
+    assert [json.loads((tmp_path / f"chosen.{rank}").read_text()) for rank in (0, 1)] == [[0], [0]]
+    lines = [line for line in capfd.readouterr().out.splitlines() if line.startswith("activation checkpointing:")]
+    assert len(lines) == 1 and lines[0].startswith("activation checkpointing: auto, 1 of 5 blocks"), lines
+    assert lines[0].endswith("(the group's smallest device: 0.5 GiB)"), lines

@@ -22,7 +22,7 @@ def _spec(config, train: bool) -> LoaderSpec:
         batch_size=config.train.micro_batch_size, transform=transform, num_workers=data.num_workers,
         seed=config.train.seed, shuffle=train, mode=data.mode if train else "exact", epoch_samples=data.epoch_samples,
         shuffle_buffer=data.shuffle_buffer, corrupt_limit=data.corrupt_limit,
-        storage_options=storage_options(config.storage),
+        storage_options=storage_options(config.storage), full_batches=train,
     )
 
 

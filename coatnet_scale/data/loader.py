@@ -12,8 +12,12 @@ with the same augmentation, bit for bit. The skipped batches' samples are read b
 The training checkpoint stores (epoch, batches consumed); samples consumed follow from it.
 
 Bad data. A sample that fails to decode, or lacks its image or label, is skipped, logged with
-its shard and key, and counted in the batch's `corrupt` field; its batch is one smaller. When a
-worker's corrupt fraction passes `corrupt_limit` the run stops with `CorruptDataError`. Only
+its shard and key, and counted in the batch's `corrupt` field. With `full_batches` (training)
+its place is taken by another view of a good sample of the same batch (the first ones, in
+order, decoded and augmented again), so the batch keeps its planned size and a compiled model
+meets no new shape; its `keys` stay the good samples, each once. Without it (evaluation) the
+batch is one smaller. When a worker's corrupt fraction passes `corrupt_limit` the run stops
+with `CorruptDataError`. Only
 image members (.jpg/.jpeg/.png/.webp) and the label member (.cls, or .json for JSON labels) are
 read; nothing in a shard is ever unpickled. Samples a `dataprep index` manifest lists as
 rejected (no image, no label) are passed over without counting.
@@ -101,6 +105,7 @@ class LoaderSpec:
     shuffle_buffer: int = 1000
     corrupt_limit: float = 0.001
     storage_options: dict | None = None
+    full_batches: bool = False  # training: a corrupt sample's place is taken by another view of a good one
 
 
 # ---------------------------------------------------------------------------------------
@@ -220,17 +225,17 @@ class ShardStream(IterableDataset):
             # A later phase of a resized epoch draws its augmentation afresh.
             phase = (len(self.phases),) if self.phases else ()
             torch.manual_seed(derive_seed(self.spec.seed, self.epoch, self.rank, worker, index, *phase))
-            images, labels, keys, bad = [], [], [], 0
+            images, labels, good = [], [], []
             for sample in raw:
                 try:
                     image, label = _decode(sample, label_of)
                     images.append(sample_transform(image))
                 except Exception as e:
-                    bad += 1
                     log.warning("corrupt sample %s in %s: %s", sample.get("__key__"), sample.get("__url__"), e)
                     continue
                 labels.append(label)
-                keys.append(sample["__key__"])
+                good.append(sample)
+            bad = len(raw) - len(good)
             seen, corrupt = seen + len(raw), corrupt + bad
             # Judge the fraction once it means something: after 1/limit samples, or at the end.
             if corrupt > limit * seen and (last or limit == 0 or seen * limit >= 1):
@@ -241,11 +246,16 @@ class ShardStream(IterableDataset):
                 )
             if not images:
                 raise CorruptDataError(f"every sample of batch {index} (rank {self.rank}, worker {worker}) is corrupt")
+            if self.spec.full_batches:  # another view of a good sample of the batch for each corrupt one
+                for sample in (good * -(-bad // len(good)))[:bad]:
+                    image, label = _decode(sample, label_of)
+                    images.append(sample_transform(image))
+                    labels.append(label)
             # The batch's mixing happens on the training device (`StreamingLoader.to_device`),
             # with draws seeded here, with the rest of its augmentation.
             mix_seed = int(torch.randint(2**62, ()))
-            yield {"images": stack(images), "labels": torch.tensor(labels), "mix_seed": mix_seed, "keys": keys,
-                   "corrupt": bad}
+            yield {"images": stack(images), "labels": torch.tensor(labels), "mix_seed": mix_seed,
+                   "keys": [sample["__key__"] for sample in good], "corrupt": bad}
 
 
 class StreamingLoader:
@@ -275,6 +285,26 @@ class StreamingLoader:
         """This rank's batches in `epoch` (in the phase after `phases`, for a resized epoch)."""
         return len(_slot_plan(self.spec, self.manifest, epoch, self.rank, self.world_size, 0, phases).batch_sizes) * \
             max(1, self.spec.num_workers)
+
+    def continue_from(self, epoch: int, batch_in_epoch: int, phases: tuple[Phase, ...],
+                      group: list[int] | None = None) -> tuple[int, int, tuple[Phase, ...]]:
+        """Where this rank reads on from a place in the data order: each rank of `group` ([world
+        size, DataLoader workers, batch size]; None: this rank's own) had read `batch_in_epoch`
+        batches of `epoch` after `phases`. Another group's place closes its phase and this group
+        reads the rest of the epoch, or the next epoch when too few samples are left to give each
+        of its slots one (rank 0 says so); a place at an epoch's end goes on at the next epoch.
+        Returns (epoch, batch_in_epoch, phases) for `epoch(...)`."""
+        if group is not None and list(group) != [self.world_size, self.spec.num_workers, self.spec.batch_size]:
+            phases, batch_in_epoch = (*phases, Phase(*group, batch_in_epoch)), 0
+            left, slots = self.samples_left(epoch, phases), self.world_size * max(1, self.spec.num_workers)
+            if left < slots:
+                if self.rank == 0 and left:
+                    print(f"data: the last {left} samples of epoch {epoch} are left out: fewer than this group's "
+                          f"{slots} loader slots", flush=True)
+                return epoch + 1, 0, ()
+        if batch_in_epoch >= self.batches_in(epoch, phases):
+            return epoch + 1, 0, ()
+        return epoch, batch_in_epoch, phases
 
     def samples_left(self, epoch: int, phases: tuple[Phase, ...]) -> int:
         """Samples of `epoch` that the groups of `phases` left unread, all ranks together."""

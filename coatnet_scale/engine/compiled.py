@@ -8,6 +8,13 @@ and release the whole block's parameters at the block's boundary, none inside), 
 the block's `forward` (not the module call) keeps those hooks outside the compiled code.
 Activation checkpointing wraps the block call, so a checkpointed block recomputes through the
 same compiled forward.
+
+One batch shape. `dynamic=False` compiles a graph per input shape, and past dynamo's
+recompile limit a block falls back to eager on that rank alone while the others wait. So only
+the training micro-batch is compiled: the loader keeps every training batch at its planned
+size (a corrupt sample's place goes to another view of a good one, coatnet_scale/data/loader.py),
+and the one batch of another size a loader slot may end its epoch with runs eager, as
+evaluation does.
 """
 from __future__ import annotations
 
@@ -34,10 +41,10 @@ def compile_problem(use_gpu: bool) -> str | None:
     return None
 
 
-def compile_blocks(model: torch.nn.Module, use_gpu: bool) -> int:
-    """Marks the blocks ZeRO-3 leaves and compiles their forwards, before deepspeed.initialize
-    (which registers the hooks). Returns how many blocks. Raises RuntimeError, one line, where
-    this installation cannot."""
+def compile_blocks(model: torch.nn.Module, use_gpu: bool, batch_size: int) -> int:
+    """Marks the blocks ZeRO-3 leaves and compiles their forwards for training batches of
+    `batch_size`, before deepspeed.initialize (which registers the hooks). Returns how many
+    blocks. Raises RuntimeError, one line, where this installation cannot."""
     problem = compile_problem(use_gpu)
     if problem:
         raise RuntimeError(f"model.compile=blocks: {problem}; use model.compile=none")
@@ -50,13 +57,14 @@ def compile_blocks(model: torch.nn.Module, use_gpu: bool) -> int:
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
     blocks = [m for m in model.modules() if isinstance(m, BLOCKS)]
     for block in blocks:
-        block.forward = _training_only(torch.compile(block.forward, dynamic=False), block.forward)
+        block.forward = _training_only(torch.compile(block.forward, dynamic=False), block.forward, batch_size)
     return len(blocks)
 
 
-def _training_only(compiled, eager):
-    """The compiled forward where gradients are taken; evaluation (no_grad: another graph, and
-    a last batch of another size) runs eager rather than compiling twice more per block shape."""
+def _training_only(compiled, eager, batch_size: int):
+    """The compiled forward for training micro-batches (gradients taken, `batch_size` samples);
+    evaluation (no_grad: another graph) and a slot's last batch of another size run eager rather
+    than compiling again per block shape."""
     def forward(x: torch.Tensor) -> torch.Tensor:
-        return compiled(x) if torch.is_grad_enabled() else eager(x)
+        return compiled(x) if torch.is_grad_enabled() and len(x) == batch_size else eager(x)
     return forward

@@ -24,7 +24,9 @@ and model state together).
 Nothing is lost silently: rank 0 writes each rollback to {storage.url}/{run_name}/health/
 rollback-*.json (reason, trouble step, checkpoint, steps skipped), and the attempt that skips
 adds which batches of which epoch it passed over, with the loader's plan, so
-`python -m coatnet_scale.data keys --skipped RUN_URL` lists the samples. After
+`python -m coatnet_scale.data keys --skipped RUN_URL` lists the samples. That record is the
+skip: a later attempt from the same checkpoint, by a group of any shape (a resize), reads on
+from where it ended in the data order, so the samples listed are the samples skipped. After
 `train.max_rollbacks` rollbacks to one checkpoint the next trouble stops the run: the launcher
 prints `pretrain: RUN stopped: …` and exits 78 (engine/failures.py: it stays stopped). A
 rollback never skips more than one epoch's batches: a wider span (a checkpoint far behind the
@@ -45,6 +47,7 @@ from dataclasses import astuple, dataclass
 
 import torch
 import torch.distributed as dist
+from coatnet_scale.data.plan import Phase
 from coatnet_scale.engine import collectives
 from coatnet_scale.storage import url_to_fs, write_atomic
 
@@ -222,16 +225,24 @@ class Health:
     def skip(self, loader, group: dict, micro_batches_per_step: int, epoch: int,
              batch_in_epoch: int, phases: tuple) -> tuple[int, int, tuple]:
         """Pass over the batches the rollbacks to this attempt's checkpoint asked to skip, in
-        their order, at most one epoch's (`skip_steps_requested` in the record when cut); record
-        on each (rank 0, once) which epoch batches that was. Returns the new (epoch,
-        batch_in_epoch, phases)."""
+        their order, at most one epoch's (`skip_steps_requested` in the record when cut). The
+        first attempt to skip a record's steps writes which batches of which epoch those were
+        (rank 0, in its data group's terms: samples, not steps); every later attempt, whatever its
+        group's shape, reads on from where that skip ended in the data order, so a resize in
+        between skips the same samples. Returns the new (epoch, batch_in_epoch, phases)."""
         for record in self.records:
             if record["checkpoint"] != self.checkpoint:
+                continue
+            if record.get("skipped"):
+                end = record["skipped"][-1]
+                epoch, batch_in_epoch, phases = loader.continue_from(
+                    end["epoch"], end["to_batch"], tuple(Phase(*p) for p in end["phases"]),
+                    [end["world_size"], end["num_workers"], end["batch_size"]])
                 continue
             steps = min(record["skip_steps"], max(1, loader.batches_in(epoch, ()) // micro_batches_per_step))
             spans, (epoch, batch_in_epoch, phases) = _passed_over(loader, group, steps * micro_batches_per_step,
                                                                   epoch, batch_in_epoch, phases)
-            if self.rank == 0 and "skipped" not in record:
+            if self.rank == 0:
                 name = record["name"]
                 cut = {"skip_steps": steps, "skip_steps_requested": record["skip_steps"]} \
                     if steps < record["skip_steps"] else {}

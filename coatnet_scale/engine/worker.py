@@ -108,7 +108,7 @@ def build_engine(config: Config, use_gpu: bool, initial_weights: bool = False, l
     with deepspeed.zero.Init(config_dict_or_path=ds_config, enabled=config.deepspeed.zero_stage == 3):
         model = create_model(m.name, m.num_classes, m.image_size, m.drop_path_rate, checkpointing, m.channels_last)
     if m.compile == "blocks":
-        compiled = compile_blocks(model, use_gpu)
+        compiled = compile_blocks(model, use_gpu, config.train.micro_batch_size)
         if dist.get_rank() == 0:
             print(f"model.compile=blocks: {compiled} blocks compiled (inductor), each a ZeRO-3 leaf", flush=True)
     if initial_weights:
@@ -131,16 +131,19 @@ def build_engine(config: Config, use_gpu: bool, initial_weights: bool = False, l
 
 
 def activation_checkpointing(config: Config, use_gpu: bool, bf16: bool) -> Checkpointing:
-    """`model.checkpointing` as configured or, for auto, the planner's choice for this device's
-    memory (cluster.gpu_memory for CPU workers) at this group's size and micro-batch; rank 0
-    logs it with the predicted activation peak."""
+    """`model.checkpointing` as configured or, for auto, the planner's choice for the smallest
+    device memory of the group (cluster.gpu_memory for CPU workers), so every rank builds the
+    same model, at this group's size and micro-batch; rank 0 logs it with the predicted
+    activation peak."""
     if use_gpu:
         memory = torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory
     else:
         memory = (config.cluster.gpu_memory or 0) * GiB
+    memory = collectives.smallest(memory)
     choice = checkpointing_policy(config, dist.get_world_size(), memory, "cuda" if use_gpu else "cpu", 2 if bf16 else 4)
     if dist.get_rank() == 0:
-        print(describe_choice(choice, MODEL_SPECS[config.model.name]), flush=True)
+        print(describe_choice(choice, MODEL_SPECS[config.model.name])
+              + (f" (the group's smallest device: {memory / GiB:.3g} GiB)" if choice.auto else ""), flush=True)
     return choice.policy
 
 
@@ -429,7 +432,7 @@ def _train(config: Config, placement: Placement, device: torch.device, checkpoin
             ema.load_state_dict(state["ema"])
         loader = train_loader(config, rank, world_size)
         validation = eval_loader(config, rank, world_size) if config.data.val_manifest else None
-        group, epoch, batch_in_epoch, phases = _data_position(config, loader, state, epoch, batch_in_epoch, rank,
+        group, epoch, batch_in_epoch, phases = _data_position(config, loader, state, epoch, batch_in_epoch,
                                                               world_size)
         health = _health(config, placement, nodes, device, tag, step)
         t = config.train
@@ -488,25 +491,14 @@ def _resume(config: Config, engine, scheduler, checkpoints: Checkpoints, tag: st
     return step, epoch, batch_in_epoch, state
 
 
-def _data_position(config: Config, loader, state: dict, epoch: int, batch_in_epoch: int, rank: int,
+def _data_position(config: Config, loader, state: dict, epoch: int, batch_in_epoch: int,
                    world_size: int) -> tuple[list, int, int, tuple]:
-    """(data group, epoch, batch_in_epoch, phases) where this group's reading starts."""
-    t = config.train
-    # The data group: who reads this epoch's samples. A group of another shape continues the
-    # epoch with the samples the earlier groups (phases) left, each still read once.
-    group = [world_size, config.data.num_workers, t.micro_batch_size]
+    """(data group, epoch, batch_in_epoch, phases) where this group's reading starts. The data
+    group: who reads this epoch's samples. A group of another shape continues the epoch with the
+    samples the earlier groups (phases) left, each still read once."""
+    group = [world_size, config.data.num_workers, config.train.micro_batch_size]
     phases = tuple(Phase(*p) for p in state.get("phases", ()))
-    if "data_group" in state and state["data_group"] != group:
-        phases, batch_in_epoch = (*phases, Phase(*state["data_group"], batch_in_epoch)), 0
-        left = loader.samples_left(epoch, phases)
-        if left < world_size * max(1, config.data.num_workers):  # too few to give every slot one: next epoch
-            if rank == 0 and left:
-                print(f"data: the last {left} samples of epoch {epoch} are left out: fewer than this group's "
-                      f"{world_size * max(1, config.data.num_workers)} loader slots", flush=True)
-            epoch, phases = epoch + 1, ()
-    if batch_in_epoch >= loader.batches_in(epoch, phases):  # checkpointed at an epoch's end: skip reading it
-        epoch, batch_in_epoch, phases = epoch + 1, 0, ()
-    return group, epoch, batch_in_epoch, phases
+    return (group, *loader.continue_from(epoch, batch_in_epoch, phases, state.get("data_group")))
 
 
 def _health(config: Config, placement: Placement, nodes: list[str], device: torch.device, tag: str | None,
