@@ -200,6 +200,8 @@ class StorageConfig(Section):
     access_key_id: SecretStr | None = None
     secret_access_key: SecretStr | None = None
     session_token: SecretStr | None = None
+    retries: int = Field(5, ge=1, description="attempts of one S3 request that meets throttling (503 SlowDown), another "
+                                              "5xx or a dropped connection, with exponential backoff (docs/checkpoints.md)")
 
 
 class MonitoringConfig(Section):
