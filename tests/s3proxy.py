@@ -33,7 +33,11 @@ class LoopbackProxy:
     def _accept(self) -> None:
         while True:
             client, _ = self.server.accept()
-            upstream = socket.create_connection(("127.0.0.1", self.target_port))
+            try:
+                upstream = socket.create_connection(("127.0.0.1", self.target_port))
+            except OSError:  # the server has stopped
+                client.close()
+                continue
             upward = self._requests if self.refuse else self._pump
             threading.Thread(target=upward, args=(client, upstream), daemon=True).start()
             threading.Thread(target=self._pump, args=(upstream, client, False), daemon=True).start()
