@@ -21,6 +21,7 @@ from pydantic import BaseModel, ConfigDict, Field, SecretStr, StrictBool, Valida
 
 from coatnet_scale.batch import ElasticBatchError, apply_batch_plan, batch_plan
 from coatnet_scale.models import list_models
+from coatnet_scale.storage import DEMO_DIR
 
 
 class ConfigError(ValueError):
@@ -59,8 +60,8 @@ class ModelConfig(Section):
 
 
 class DataConfig(Section):
-    train_manifest: str = "data/demo/train/manifest.json"
-    val_manifest: str | None = "data/demo/val/manifest.json"
+    train_manifest: str = f"{DEMO_DIR}/train/manifest.json"  # `python -m dataprep demo` builds it
+    val_manifest: str | None = f"{DEMO_DIR}/val/manifest.json"
     num_workers: int = Field(2, ge=0, description="DataLoader workers per rank")
     mode: Literal["exact", "resampled"] = "exact"
     epoch_samples: int | None = Field(None, ge=1, description="resampled mode: samples per epoch, all ranks")
