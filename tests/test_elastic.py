@@ -236,7 +236,7 @@ def test_a_dead_node_shrinks_the_group_and_training_goes_on(two_node_cluster, de
     fs = s3fs.S3FileSystem(endpoint_url=os.environ["AWS_ENDPOINT_URL"], skip_instance_cache=True)
     run = f"{s3_bucket}/runs/dead"
     overrides = [f"storage.url=s3://{s3_bucket}/runs", "run_name=dead", "cluster.num_workers=2", "cluster.min_workers=1",
-                 "cluster.cpus_per_worker=2", "train.total_steps=80", "checkpoint.every_steps=20",
+                 "cluster.cpus_per_worker=2", "train.total_steps=80", "checkpoint.every_steps=20", "checkpoint.keep=5",
                  f"data.train_manifest={demo_corpus}/train/manifest.json",
                  f"data.val_manifest={demo_corpus}/val/manifest.json"]
     job = cluster.client.submit_job(entrypoint=" ".join([sys.executable, "-m", "coatnet_scale.pretrain", "--config",
