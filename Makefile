@@ -15,9 +15,9 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 constraints: $(VENV)/.installed
 	{ sed -n '1,3p' constraints.txt; $(PY) -m pip freeze --exclude-editable; } > constraints.new && mv constraints.new constraints.txt
 
-# Builds the demo corpus on first use (dataprep), starts a local Ray, pretrains configs/tiny.yaml.
+# Builds the demo corpus on first use (dataprep, into ~/.cache/coatnet_scale/demo), starts a local Ray, pretrains configs/tiny.yaml.
 demo: $(VENV)/.installed
-	$(PY) -m dataprep demo data/demo
+	$(PY) -m dataprep demo
 	$(PY) -m coatnet_scale.pretrain --config configs/tiny.yaml
 
 # pytest exits 5 when it collects no test: a failure here, never a pass.

@@ -5,7 +5,7 @@ bandwidth is throttled.
     python benchmarks/checkpoint_stall.py [--upload-mib-s 4] [--steps 170] [--every 40]
 
 The S3 server is moto's threaded server on 127.0.0.1 (the one the test suite uses), behind a
-loopback TCP proxy started here that passes at most --upload-mib-s MiB/s from the client to the
+TCP proxy (tests/s3proxy.py) that passes at most --upload-mib-s MiB/s from the client to the
 server (responses pass freely): a rank's share of a slow link to the object store, so that the
 synchronous upload of the tiny run's checkpoint takes seconds, as CoAtNet-7's 1.2 GB per rank
 does on a real one. Each mode is one run of `python -m coatnet_scale.pretrain --without-ray` (the
@@ -25,11 +25,12 @@ import socket
 import statistics
 import subprocess
 import sys
-import threading
-import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO / "tests"))
+from s3proxy import LoopbackProxy  # noqa: E402  (the tests' proxy, which plays a slow link here)
+
 SAVED = re.compile(r"checkpoint step (\d+) saved to \S+: the loop blocked ([\d.]+)s, rank 0 stored its files in ([\d.]+)s")
 
 
@@ -39,44 +40,7 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-class ThrottledProxy:
-    """127.0.0.1:port → target, client-to-server bytes capped at `rate` bytes/s over all
-    connections together."""
-
-    def __init__(self, target_port: int, rate: float):
-        self.target_port, self.rate = target_port, rate
-        self.server = socket.create_server(("127.0.0.1", 0))
-        self.port = self.server.getsockname()[1]
-        self.lock, self.free_at = threading.Lock(), 0.0  # when the link has sent all it was given
-        threading.Thread(target=self._accept, daemon=True).start()
-
-    def _accept(self) -> None:
-        while True:
-            client, _ = self.server.accept()
-            upstream = socket.create_connection(("127.0.0.1", self.target_port))
-            threading.Thread(target=self._pump, args=(client, upstream, True), daemon=True).start()
-            threading.Thread(target=self._pump, args=(upstream, client, False), daemon=True).start()
-
-    def _pump(self, source: socket.socket, sink: socket.socket, throttled: bool) -> None:
-        try:
-            while data := source.recv(16384):
-                if throttled:  # one link, shared, that never saves up idle time
-                    with self.lock:
-                        self.free_at = max(self.free_at, time.monotonic()) + len(data) / self.rate
-                        due = self.free_at
-                    time.sleep(max(0.0, due - time.monotonic()))
-                sink.sendall(data)
-        except OSError:
-            pass
-        finally:
-            for s in (source, sink):
-                try:
-                    s.shutdown(socket.SHUT_RDWR)
-                except OSError:
-                    pass
-
-
-def run(mode: str, background: bool, endpoint: str, bucket: str, args: argparse.Namespace, proxy: ThrottledProxy,
+def run(mode: str, background: bool, endpoint: str, bucket: str, args: argparse.Namespace, proxy: LoopbackProxy,
         fs) -> dict:
     overrides = [f"storage.url=s3://{bucket}/runs", f"storage.endpoint_url={endpoint}", f"run_name={mode}",
                  f"data.train_manifest={REPO}/data/demo/train/manifest.json", "data.val_manifest=null",
@@ -118,8 +82,8 @@ def main() -> None:
         fs = s3fs.S3FileSystem(endpoint_url=direct, skip_instance_cache=True)
         bucket = "checkpoint-stall"
         fs.mkdir(bucket)
-        proxy = ThrottledProxy(moto_port, args.upload_mib_s * 2**20)
-        endpoint = f"http://127.0.0.1:{proxy.port}"
+        proxy = LoopbackProxy(moto_port, rate=args.upload_mib_s * 2**20)
+        endpoint = proxy.endpoint
         print(f"S3: moto on {direct}, throttled to {args.upload_mib_s:g} MiB/s upload through {endpoint}; "
               f"tiny run, 1 CPU worker, {args.steps} steps, a checkpoint every {args.every}", flush=True)
         results = {}

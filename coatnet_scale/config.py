@@ -20,6 +20,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, StrictBool, ValidationError, field_validator, model_validator
 
 from coatnet_scale.batch import ElasticBatchError, apply_batch_plan, batch_plan
+from coatnet_scale.storage import DEMO_DIR
 
 
 class ConfigError(ValueError):
@@ -51,8 +52,8 @@ class ModelConfig(Section):
 
 
 class DataConfig(Section):
-    train_manifest: str = "data/demo/train/manifest.json"
-    val_manifest: str | None = "data/demo/val/manifest.json"
+    train_manifest: str = f"{DEMO_DIR}/train/manifest.json"  # `python -m dataprep demo` builds it
+    val_manifest: str | None = f"{DEMO_DIR}/val/manifest.json"
     num_workers: int = Field(2, ge=0, description="DataLoader workers per rank")
     mode: Literal["exact", "resampled"] = "exact"
     epoch_samples: int | None = Field(None, ge=1, description="resampled mode: samples per epoch, all ranks")
@@ -196,6 +197,8 @@ class StorageConfig(Section):
     access_key_id: SecretStr | None = None
     secret_access_key: SecretStr | None = None
     session_token: SecretStr | None = None
+    retries: int = Field(5, ge=1, description="attempts of one S3 request that meets throttling (503 SlowDown), another "
+                                              "5xx or a dropped connection, with exponential backoff (docs/checkpoints.md)")
 
 
 class MonitoringConfig(Section):

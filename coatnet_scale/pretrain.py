@@ -6,8 +6,9 @@ can be checked before Ray starts work is checked first, each failure one line an
 the config, the data manifests, the storage URL, whether the cluster can ever hold the worker
 group (an autoscaling cluster, with cluster.max_resources, is waited for), and whether a local
 storage path would have to serve several nodes. With no arguments it pretrains the embedded
-default: coatnet_pico on the demo corpus (`python -m dataprep demo data/demo` builds it; `make
-demo` does both), 2 CPU workers under ZeRO-3, local storage.
+default: coatnet_pico on the demo corpus (`python -m dataprep demo` builds it in
+~/.cache/coatnet_scale/demo, where every process on the host finds it; `make demo` does both),
+2 CPU workers under ZeRO-3, local storage.
 """
 from __future__ import annotations
 
@@ -20,9 +21,7 @@ import uuid
 
 from coatnet_scale.batch import describe_sizes
 from coatnet_scale.config import Config, add_config_arguments, config_from_arguments
-from coatnet_scale.storage import storage_options, url_to_fs
-
-DEMO_DIR = "data/demo"
+from coatnet_scale.storage import DEMO_DIR, storage_options, url_to_fs
 
 
 class PreflightError(RuntimeError):
@@ -43,11 +42,11 @@ def check_inputs(config: Config) -> None:
         raise PreflightError(f"model.name: {unknown_model(config.model.name)}")
     warn_elastic_sizes(config)
     options = storage_options(config.storage)
-    demo_manifest = absolute(f"{DEMO_DIR}/train/manifest.json")
-    if config.data.train_manifest == demo_manifest and not os.path.exists(demo_manifest):
+    demo_manifest = f"{DEMO_DIR}/train/manifest.json"
+    if absolute(config.data.train_manifest) == demo_manifest and not os.path.exists(demo_manifest):
         # The sharder sits above the trainer (docs/layout.md): it builds the corpus, not us.
         raise PreflightError(f"data.train_manifest: the demo corpus is not built yet; build it with "
-                             f"`python -m dataprep demo {DEMO_DIR}` (what `make demo` does first)")
+                             f"`python -m dataprep demo` (into {DEMO_DIR}; what `make demo` does first)")
     for key in ("train_manifest", "val_manifest"):
         url = getattr(config.data, key)
         if url is None:

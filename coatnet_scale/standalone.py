@@ -27,10 +27,13 @@ import torch.distributed as dist
 from coatnet_scale.config import Config
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def _loopback_store(timeout: timedelta) -> dist.TCPStore:
+    """The rendezvous store of a group of one. TCPStore's server listens on every interface
+    whatever host it is given; this one gets a socket bound to loopback to listen on, so
+    nothing off the host can reach it."""
+    listener = socket.create_server(("127.0.0.1", 0))
+    port = listener.getsockname()[1]
+    return dist.TCPStore("127.0.0.1", port, 1, is_master=True, timeout=timeout, master_listen_fd=listener.detach())
 
 
 def init_process_group(use_gpu: bool, hang_timeout_s: float = 600.0):
@@ -39,19 +42,21 @@ def init_process_group(use_gpu: bool, hang_timeout_s: float = 600.0):
     from coatnet_scale.engine.watchdog import collective_timeout_s
     from coatnet_scale.engine.worker import Placement
 
-    if "RANK" not in os.environ:
-        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
-                          MASTER_PORT=str(_free_port()))
+    # Longer than the step watchdog, so a rank stuck in a collective dumps its stacks first.
+    timeout = timedelta(seconds=collective_timeout_s(hang_timeout_s))
+    store = None
+    if "RANK" not in os.environ and not dist.is_initialized():
+        store = _loopback_store(timeout)
+        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(store.port))
     rank, world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if not dist.is_initialized():
-        # Longer than the step watchdog, so a rank stuck in a collective dumps its stacks first.
-        timeout = timedelta(seconds=collective_timeout_s(hang_timeout_s))
+        group = {"store": store, "rank": rank, "world_size": world_size} if store else {}
         if use_gpu:
             torch.cuda.set_device(local_rank)
-            dist.init_process_group("nccl", device_id=torch.device("cuda", local_rank), timeout=timeout)
+            dist.init_process_group("nccl", device_id=torch.device("cuda", local_rank), timeout=timeout, **group)
         else:
-            dist.init_process_group("gloo", timeout=timeout)
+            dist.init_process_group("gloo", timeout=timeout, **group)
     # torchrun restarts a failed group only with --max-restarts; its run id names the job then.
     run_id = os.environ.get("TORCHELASTIC_RUN_ID", "none")
     restarts = int(os.environ.get("TORCHELASTIC_MAX_RESTARTS", "0"))

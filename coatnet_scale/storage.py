@@ -1,14 +1,27 @@
 """fsspec access for every URL the training job and dataprep touch (data, checkpoints, shards):
 one place that turns S3 options (the config's `storage` section, or dataprep's command line)
-into filesystem options, applied to s3:// URLs only, plus byte-range reads and atomic writes."""
+into filesystem options, applied to s3:// URLs only, plus byte-range reads and atomic writes.
+
+Transient S3 errors are retried inside the storage call: botocore's standard retry mode sends a
+request that met throttling (503 SlowDown), another 5xx or a dropped connection again, up to
+`storage.retries` attempts with jittered exponential backoff (at most 20 s apart), and s3fs
+repeats a request still throttled or cut off after that up to 5 times; each retry is logged.
+What still fails is `transient()`, which the failure log never counts as a repeated error."""
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 import tempfile
 
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
+
+
+# The demo corpus's one folder on a host, which every process there finds whatever its working
+# directory: a job under `ray job submit --working-dir .` runs in Ray's copy of the checkout,
+# which leaves out what git ignores (data/), and without it in the folder `ray start` ran in.
+DEMO_DIR = os.path.join(os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "coatnet_scale", "demo")
 
 
 def options_for(url: str, options: dict) -> dict:
@@ -29,7 +42,57 @@ def storage_options(storage) -> dict:
         secret = getattr(storage, field)
         if secret is not None:
             options[option] = secret.get_secret_value()
+    options["config_kwargs"] = {"retries": {"mode": "standard", "total_max_attempts": storage.retries}}
+    _log_retries()
     return options
+
+
+def transient(error: BaseException) -> bool:
+    """Whether a storage error (or what caused it) is one that goes away by itself: S3
+    throttling, a 5xx, a dropped or timed-out connection. A 4xx or a missing key is not."""
+    from botocore.exceptions import ClientError, ConnectionError as BotoConnectionError, HTTPClientError
+
+    seen = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        if isinstance(error, ClientError):
+            response = error.response or {}
+            status = response.get("ResponseMetadata", {}).get("HTTPStatusCode") or 0
+            if status >= 500 or response.get("Error", {}).get("Code") in THROTTLED:
+                return True
+        if isinstance(error, (BotoConnectionError, HTTPClientError, ConnectionError, TimeoutError)):
+            return True
+        error = error.__cause__ or error.__context__
+    return False
+
+
+THROTTLED = {"SlowDown", "Throttling", "ThrottlingException", "RequestLimitExceeded", "TooManyRequestsException",
+             "RequestTimeout", "ServiceUnavailable", "InternalError"}
+
+
+class _RetryLines(logging.Filter):
+    """botocore and s3fs say that they retry a request only at DEBUG. This filter, on their
+    loggers, drops their other debug lines and passes the retry lines on as warnings, so that
+    a throttled store shows in the job's log before it becomes an error."""
+
+    LINES = {"botocore.retries.standard": "Retry needed", "s3fs": ("Client error (maybe retryable)", "Retryable error")}
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno > logging.DEBUG:
+            return True
+        if not record.getMessage().startswith(self.LINES[record.name]):
+            return False
+        record.msg, record.args = f"storage: S3 request retried: {record.getMessage()}", ()
+        record.levelno, record.levelname = logging.WARNING, "WARNING"
+        return True
+
+
+def _log_retries() -> None:
+    for name in _RetryLines.LINES:
+        logger = logging.getLogger(name)
+        if logger.getEffectiveLevel() > logging.DEBUG:  # not done yet, and nobody asked for all of it
+            logger.addFilter(_RetryLines())
+            logger.setLevel(logging.DEBUG)
 
 
 def url_to_fs(url: str, options: dict | None = None):

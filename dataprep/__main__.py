@@ -141,8 +141,11 @@ def main(argv: list[str] | None = None) -> int:
     if argv[:1] == ["demo"]:
         p = argparse.ArgumentParser(prog="python -m dataprep demo",
                                     description="Build the demo corpus: scikit-learn's digits, sharded (idempotent).")
-        p.add_argument("dest", metavar="DEST", nargs="?", default="data/demo", help="default: %(default)s")
+        from coatnet_scale.storage import DEMO_DIR
         from dataprep.demo import build_demo_corpus
+
+        p.add_argument("dest", metavar="DEST", nargs="?", default=DEMO_DIR,
+                       help="default: %(default)s, where every process on this host finds it")
 
         build_demo_corpus(p.parse_args(argv[1:]).dest)
         return 0

@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from coatnet_scale.storage import DEMO_DIR
 from dataprep.images import ImageOptions
 from dataprep.prep import PrepOptions, prepare
 
@@ -34,7 +35,7 @@ def write_digit_folders(root: Path, val_fraction: float = 0.2, size: int = 64) -
     return counts
 
 
-def build_demo_corpus(dest: str = "data/demo", samples_per_shard: int = 64, workers: int | None = None) -> None:
+def build_demo_corpus(dest: str = DEMO_DIR, samples_per_shard: int = 64, workers: int | None = None) -> None:
     """Write DEST/raw (ImageFolder) and DEST/{train,val} (shards + manifest); idempotent."""
     dest_path = Path(dest)
     if (dest_path / "train" / "manifest.json").exists() and (dest_path / "val" / "manifest.json").exists():

@@ -428,9 +428,10 @@ def prepare(
     publish_bytes(fs, manifest_path, json.dumps(manifest, indent=1, sort_keys=True).encode())
     fs.rm(f"{root}/_progress", recursive=True)
     elapsed = time.monotonic() - progress.start
+    reasons = ", ".join(f"{reason}: {count}" for reason, count in manifest["rejected"].items())
     log(
         f"dataprep: wrote {total_samples} samples in {len(shards)} shards "
-        f"({sum(s['bytes'] for s in shards) / 2**20:.1f} MiB) to {dest}; rejected {len(rejected)} "
-        f"{manifest['rejected'] or ''}; {elapsed:.1f}s, {progress.rate():.0f} img/s"
+        f"({sum(s['bytes'] for s in shards) / 2**20:.1f} MiB) to {dest}; rejected {len(rejected)}"
+        f"{f' ({reasons})' if reasons else ''}; {elapsed:.1f}s, {progress.rate():.0f} img/s"
     )
     return manifest

@@ -8,6 +8,7 @@ import subprocess
 import sys
 import tarfile
 import time
+from collections import Counter
 from pathlib import Path
 
 import fsspec
@@ -46,8 +47,9 @@ def test_every_input_accounted_for(corpus, tmp_path):
     source, good = corpus
     out = tmp_path / "out"
     result = dataprep(source, out, "--samples-per-shard", 7, "--workers", 2, "--max-side", 64)
-    assert "wrote" in result.stderr + result.stdout
     manifest = json.loads((out / "manifest.json").read_text())
+    reasons = ", ".join(f"{reason}: {count}" for reason, count in sorted(Counter(BAD_INPUTS.values()).items()))
+    assert f"to {out}; rejected {len(BAD_INPUTS)} ({reasons}); " in result.stderr + result.stdout
     rejected = [json.loads(line) for line in (out / "rejected.jsonl").read_text().splitlines()]
     assert {r["path"]: r["reason"] for r in rejected} == BAD_INPUTS
     assert manifest["total_inputs"] == len(good) + len(BAD_INPUTS)

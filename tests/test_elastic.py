@@ -1,7 +1,8 @@
 """Resuming at another world size (docs/elastic.md): DeepSpeed ZeRO-3 on CPU processes, through
 the training loop's plain torch.distributed launcher (`--without-ray`, torchrun for two), then
-on a Ray cluster of two nodes that loses one. The data side (each sample of a resized epoch
-read once) is test_data.py's; the batch arithmetic is checked here."""
+on a Ray cluster of two nodes that loses one, reclaimed with a notice or dead without one. The
+data side (each sample of a resized epoch read once) is test_data.py's; the batch arithmetic is
+checked here."""
 import glob
 import json
 import os
@@ -214,6 +215,54 @@ def test_a_reclaimed_node_costs_no_step_and_the_group_goes_on_smaller(two_node_c
     assert resumed and saved_at - int(resumed.group(1)) == 0, said[-4000:]
     marker = json.loads(fs.cat_file(f"{run}/checkpoints/step_{saved_at:09d}/COMPLETE.json"))
     assert marker["preemption"]["ranks"] == [int(notice.group(1))] and marker["world_size"] == 2
+    final = json.loads(fs.cat_file(sorted(fs.glob(f"{run}/metrics-step*.json"))[-1]))["final"]
+    assert final["step"] == 80
+    # Ten classes (chance 10%); an uninterrupted run of these 80 steps scores 90%.
+    assert final["val_top1"] > 0.85
+
+
+@pytest.mark.slow
+def test_a_dead_node_shrinks_the_group_and_training_goes_on(two_node_cluster, demo_corpus, s3_bucket):
+    """Two nodes, one worker each (2 CPUs per worker, 2 per node), elastic down to one. The
+    second node's raylet is SIGKILLed once the step-20 checkpoint is complete (a node that dies
+    with no notice): Ray restarts the group with the one worker that fits, which resumes the
+    newest checkpoint the two workers completed and finishes in the accuracy band of an
+    uninterrupted run."""
+    import s3fs
+
+    cluster = two_node_cluster
+    if len(cluster.alive_nodes()) < 2:  # the reclaimed node of the test before
+        cluster.add_node(num_cpus=2, node_ip="127.0.0.3")
+    fs = s3fs.S3FileSystem(endpoint_url=os.environ["AWS_ENDPOINT_URL"], skip_instance_cache=True)
+    run = f"{s3_bucket}/runs/dead"
+    overrides = [f"storage.url=s3://{s3_bucket}/runs", "run_name=dead", "cluster.num_workers=2", "cluster.min_workers=1",
+                 "cluster.cpus_per_worker=2", "train.total_steps=80", "checkpoint.every_steps=20", "checkpoint.keep=5",
+                 f"data.train_manifest={demo_corpus}/train/manifest.json",
+                 f"data.val_manifest={demo_corpus}/val/manifest.json"]
+    job = cluster.client.submit_job(entrypoint=" ".join([sys.executable, "-m", "coatnet_scale.pretrain", "--config",
+                                                         str(TINY), *(f"--set={o}" for o in overrides)]))
+    deadline = time.monotonic() + 900
+    while not fs.exists(f"{run}/checkpoints/step_000000020/COMPLETE.json"):
+        assert not cluster.client.get_job_status(job).is_terminal() and time.monotonic() < deadline, \
+            cluster.client.get_job_logs(job)[-4000:]
+        time.sleep(0.5)
+    raylet = subprocess.run(["pgrep", "-f", f"raylet.*{cluster.temp_dirs[-1]}"], capture_output=True, text=True).stdout.split()
+    assert raylet, "the second node's raylet was not found"
+    for pid in raylet:
+        os.kill(int(pid), signal.SIGKILL)
+    while not cluster.client.get_job_status(job).is_terminal():
+        assert time.monotonic() < deadline
+        time.sleep(2)
+    logs = cluster.client.get_job_logs(job)
+    assert str(cluster.client.get_job_status(job)) == "SUCCEEDED", logs[-4000:]
+    # The smaller group resumed from the newest checkpoint the two workers completed (step 20,
+    # or 40 when that one was done before the group noticed the loss), and wrote the rest alone.
+    markers = {int(p.rsplit("_", 1)[-1].split("/")[0]): json.loads(fs.cat_file(p))["world_size"]
+               for p in fs.glob(f"{run}/checkpoints/step_*/COMPLETE.json")}
+    newest_of_two = max(step for step, world in markers.items() if world == 2)
+    assert newest_of_two >= 20 and markers[80] == 1, markers
+    resumed = re.findall(r"resumed from \S+/step_(\d+): step (\d+), .*written by (\d) workers, now (\d)", logs)
+    assert resumed == [(f"{newest_of_two:09d}", str(newest_of_two), "2", "1")], logs[-4000:]
     final = json.loads(fs.cat_file(sorted(fs.glob(f"{run}/metrics-step*.json"))[-1]))["final"]
     assert final["step"] == 80
     # Ten classes (chance 10%); an uninterrupted run of these 80 steps scores 90%.

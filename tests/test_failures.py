@@ -1,6 +1,14 @@
 """The record that stops a job retrying an error that repeats with no progress (engine/failures.py).
-The job stopped for real, under Ray, is test_pretrain.py's; these check the decision itself."""
+The job stopped for real, under Ray, is test_pretrain.py's; these check the decision itself, and
+that throttled storage is retried and never counts as a repeated error."""
+import json
+
+import pytest
+from s3proxy import LoopbackProxy
+
+from coatnet_scale.config import StorageConfig
 from coatnet_scale.engine.failures import FailureLog, error_signature
+from coatnet_scale.storage import storage_options, transient, url_to_fs, write_atomic
 
 
 def fail(log: FailureLog, resumed_from, error: Exception, node="node-a", step=3):
@@ -63,3 +71,46 @@ def test_the_first_failing_rank_may_change_between_attempts(tmp_path):
         attempt, _ = log.start(None, rank=0, nodes=["node-a"])
         log.record(attempt, rank=rank, step=0, error=FileNotFoundError(f"train-00000{rank}.tar"))
     assert log.start(None, rank=0, nodes=["node-a"])[1] is not None
+
+
+def test_throttled_storage_is_retried_and_never_stops_the_job(s3_endpoint, s3_bucket, caplog):
+    """The S3 endpoint behind a proxy that answers chosen requests 503 SlowDown. A checkpoint
+    marker's write that meets it twice is retried inside the storage call and lands. Throttling
+    that outlasts the retries raises, and two attempts that end with it do not stop the job;
+    two that end with the same deterministic storage error (a missing bucket) do."""
+    refused = {"COMPLETE": 2, "hot": 10**6}  # key part → how many of its PUTs to refuse
+
+    def refuse(method: str, path: str) -> bool:
+        key = next((k for k in refused if k in path), None)
+        if method != "PUT" or key is None or refused[key] == 0:
+            return False
+        refused[key] -= 1
+        return True
+
+    proxy = LoopbackProxy(int(s3_endpoint.rsplit(":", 1)[1]), refuse=refuse)
+    options = storage_options(StorageConfig(endpoint_url=proxy.endpoint, retries=2))
+    fs, run = url_to_fs(f"s3://{s3_bucket}/run", options)
+    write_atomic(fs, f"{run}/checkpoints/step_000000010/COMPLETE.json", b'{"step": 10}')
+    assert fs.cat_file(f"{run}/checkpoints/step_000000010/COMPLETE.json") == b'{"step": 10}'
+    assert [r for m, p, r in proxy.seen if m == "PUT" and "COMPLETE" in p] == [True, True, False]
+    assert sum("storage: S3 request retried" in r.getMessage() and r.levelname == "WARNING" for r in caplog.records) >= 2
+
+    options = storage_options(StorageConfig(endpoint_url=proxy.endpoint, retries=1))  # s3fs's own 5 tries only
+    fs, run = url_to_fs(f"s3://{s3_bucket}/run", options)
+    log = FailureLog(f"s3://{s3_bucket}/run", options, "job")
+    for _ in range(2):
+        with pytest.raises(OSError) as throttled:
+            write_atomic(fs, f"{run}/checkpoints/step_000000020/hot.pt", b"x")
+        assert transient(throttled.value) and "reduce your request rate" in str(throttled.value)
+        fail(log, "step_000000010", throttled.value)
+    assert log.start("step_000000010", rank=0, nodes=["node-a"])[1] is None
+    assert all(json.loads(fs.cat_file(p))["transient"] for p in fs.glob(f"{run}/failures/job/*-rank*.json"))
+
+    gone, _ = url_to_fs(f"s3://{s3_bucket}-missing/run", options)
+    for _ in range(2):
+        with pytest.raises(OSError) as missing:
+            write_atomic(gone, f"{s3_bucket}-missing/run/checkpoints/step_000000020/COMPLETE.json", b"{}")
+        assert not transient(missing.value)
+        fail(log, "step_000000010", missing.value)
+    _, stop = log.start("step_000000010", rank=0, nodes=["node-a"])
+    assert stop is not None and "bucket" in stop.lower()

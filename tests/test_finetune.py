@@ -61,9 +61,7 @@ def test_submit_keeps_secrets_out_and_paths_absolute(demo_corpus, monkeypatch, t
     assert f"--set=storage.url={Path('runs').resolve()}" in arguments
     arguments, _ = checked_command("finetune", ["--config", str(TINY_FT), "--init", "runs/tiny"])
     assert arguments == ["--config", "configs/tiny_ft.yaml", "--init", str(Path("runs/tiny").resolve()),
-                         f"--set=storage.url={Path('runs').resolve()}",
-                         f"--set=data.train_manifest={Path('data/demo/train/manifest.json').resolve()}",
-                         f"--set=data.val_manifest={Path('data/demo/val/manifest.json').resolve()}"]
+                         f"--set=storage.url={Path('runs').resolve()}"]  # the demo corpus's default is absolute
     with_secret = tmp_path / "secret.yaml"
     with_secret.write_text("storage:\n  url: s3://bucket/runs\n  secret_access_key: do-not-upload\n")
     with pytest.raises(SystemExit, match="storage.secret_access_key is set") as refused:
@@ -93,11 +91,12 @@ def test_finetune_fails_fast_on_a_bad_init(demo_corpus, tmp_path, init, message)
 
 
 @pytest.fixture(scope="module")
-def cluster():
+def cluster(tmp_path_factory):
     # Token authentication on, with a token of this module's own that this process's clients
-    # (which cache it) are told of; job entrypoints run this venv's `python`.
+    # (which cache it) are told of; job entrypoints run this venv's `python`. The host's cache
+    # folder (where the demo corpus lives) is this module's own.
     with ray_client_environment():
-        cluster = RayCluster(dict(os.environ))
+        cluster = RayCluster({**os.environ, "XDG_CACHE_HOME": str(tmp_path_factory.mktemp("cache"))})
         try:
             yield cluster
         finally:
@@ -106,21 +105,28 @@ def cluster():
 
 @pytest.fixture(scope="module")
 def pretrained(cluster, demo_corpus, tmp_path_factory):
-    """configs/tiny.yaml in bf16, as GPUs run it, submitted with `ray job submit`; one training
+    """The quick start's corpus build (`python -m dataprep demo`), then configs/tiny.yaml on its
+    embedded demo corpus in bf16, as GPUs run it, submitted with `ray job submit --working-dir .`
+    from the checkout (the job runs in Ray's copy of it, which has no data/); one training
     worker is SIGKILLed once the step-50 checkpoint is complete; rank 0's loss is NaN at step 75
     (COATNET_SCALE_FAULT), rolled back to step 50; rank 1 freezes itself (SIGSTOP) at step 110,
     which rank 0's watchdog (train.hang_timeout_s 15) ends; rank 1 computes 1 s longer per step
     from step 141 (one straggler window, steps 141-150). Returns (storage folder, job logs)."""
     storage = tmp_path_factory.mktemp("storage")
-    overrides = [f"storage.url={storage}", *data_overrides(demo_corpus), "run_name=job", "deepspeed.bf16=true",
+    built = subprocess.run([sys.executable, "-m", "dataprep", "demo"], env=cluster.env, capture_output=True, text=True,
+                           timeout=300)
+    assert built.returncode == 0, built.stderr[-2000:]
+    assert re.findall(r"rejected (\S+) \d", built.stdout + built.stderr) == ["0;", "0;"]  # not "rejected 0 ;"
+    overrides = [f"storage.url={storage}", "run_name=job", "deepspeed.bf16=true",
                  f"train.hang_timeout_s={HANG_TIMEOUT_S}", "monitoring.straggler_every_steps=10",
                  "monitoring.straggler_ratio=1.25"]
     # The driver hands it to the workers.
     fault = "COATNET_SCALE_FAULT=nan@step=75;hang@step=110,rank=1;slow@step=141,rank=1,seconds=1"
-    command = [sys.executable, "-m", "coatnet_scale.pretrain", "--config", str(TINY), *(f"--set={o}" for o in overrides)]
+    command = ["python", "-m", "coatnet_scale.pretrain", "--config", "configs/tiny.yaml", *(f"--set={o}" for o in overrides)]
     for attempt in range(30):  # the head's job agent comes up a few seconds after the dashboard
         submit = subprocess.run([RAY, "job", "submit", "--address", cluster.dashboard, "--submission-id", "tiny-job",
-                                 "--no-wait", "--", "env", fault, *command], capture_output=True, text=True, timeout=120)
+                                 "--working-dir", ".", "--no-wait", "--", "env", fault, *command],
+                                capture_output=True, text=True, timeout=120, cwd=REPO)
         if submit.returncode == 0 or "No available agent" not in submit.stderr:
             break
         time.sleep(2)

@@ -1,6 +1,7 @@
 """Run health (engine/health.py, engine/watchdog.py, engine/faults.py): the verdicts on one rank,
 then real runs: a diverging run (lr 50) stopped with exit 78 and staying stopped, a frozen
-rank's peer (under torchrun) dumping its stacks, all ending, and the run resuming. test_finetune.py's Ray run has the rest: a NaN rolled back
+rank's peer (under torchrun) dumping its stacks, all ending, and the run resuming; two ranks of a
+node uploading a killed attempt's dumps to S3. test_finetune.py's Ray run has the rest: a NaN rolled back
 with its skipped samples listed by the keys CLI, a frozen worker caught and resumed, a slow rank
 named, and the run in its accuracy band."""
 import json
@@ -15,11 +16,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from coatnet_scale.config import Config
+from coatnet_scale.config import Config, StorageConfig
 from coatnet_scale.engine import collectives
 from coatnet_scale.engine.faults import Faults, parse
 from coatnet_scale.engine.health import Health, Rollback, read_rollbacks
 from coatnet_scale.engine.monitor import Unmonitored
+from coatnet_scale.storage import storage_options, url_to_fs
 
 REPO = Path(__file__).resolve().parent.parent
 TINY = REPO / "configs" / "tiny.yaml"
@@ -189,3 +191,49 @@ def test_a_rollback_skips_at_most_one_epoch_and_records_the_cut(demo_corpus, tmp
     assert (record["skip_steps"], record["skip_steps_requested"]) == (per_epoch, 5000)
     assert [(s["epoch"], s["from_batch"], s["to_batch"]) for s in record["skipped"]] == [(0, 3, per_epoch),
                                                                                          (1, 0, 3)]
+
+
+RANK = """
+import sys, time
+from coatnet_scale.engine.watchdog import Watchdog
+run, endpoint, rank, hang = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4] == "hang"
+watchdog = Watchdog(run, {"endpoint_url": endpoint}, "job", rank)
+if hang:  # a rank of the killed attempt: its step never ends, so it dumps and exits
+    watchdog.arm(0.5)
+    time.sleep(60)
+watchdog.close()
+print("started", flush=True)
+"""
+
+
+def test_two_ranks_on_a_node_upload_each_leftover_dump_once(s3_endpoint, s3_bucket, tmp_path):
+    """An attempt whose 3 ranks on one node hung left 3 stack dumps in the node's folder. The
+    next attempt's 2 ranks on that node start together and each uploads what it finds, through a
+    slow link (so both are at it at once); each dump reaches the store exactly once, neither
+    rank fails on a dump the other took, and the node's folder keeps none."""
+    from s3proxy import LoopbackProxy
+
+    proxy = LoopbackProxy(int(s3_endpoint.rsplit(":", 1)[1]), rate=64 * 2**10, refuse=lambda method, path: False)
+    run = f"s3://{s3_bucket}/run"
+    env = {**os.environ, "TMPDIR": str(tmp_path)}  # the node-local folder, this test's own
+
+    def ranks(how: str, count: int) -> list[subprocess.Popen]:
+        return [subprocess.Popen([sys.executable, "-c", RANK, run, proxy.endpoint, str(r), how], env=env,
+                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for r in range(count)]
+
+    for rank in ranks("hang", 3):
+        rank.communicate(timeout=60)
+        assert rank.returncode == 1
+    folder = next(tmp_path.glob("coatnet_scale_diagnostics/*"))
+    dumps = sorted(p.name for p in folder.iterdir())
+    assert len(dumps) == 3 and all((folder / d).stat().st_size > 0 for d in dumps)
+
+    for rank in ranks("start", 2):
+        out, err = rank.communicate(timeout=120)
+        assert rank.returncode == 0 and "started" in out, err
+    uploads = [path.rsplit("/", 1)[-1] for method, path, _ in proxy.seen if method == "PUT" and "/diagnostics/" in path]
+    assert sorted(uploads) == dumps
+    fs, _ = url_to_fs(run, storage_options(StorageConfig(endpoint_url=s3_endpoint)))
+    stored = sorted(p.rsplit("/", 1)[-1] for p in fs.ls(f"{s3_bucket}/run/diagnostics/job"))
+    assert stored == dumps and all("Timeout (0:00:00.500000)!" in fs.cat_file(f"{s3_bucket}/run/diagnostics/job/{d}").decode() for d in dumps)
+    assert list(folder.iterdir()) == []

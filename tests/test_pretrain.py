@@ -185,3 +185,25 @@ def test_a_repeated_error_stops_after_one_retry(demo_corpus, tmp_path):
     assert "not retrying" in message
     records = [json.loads(p.read_text()) for p in (tmp_path / "tiny" / "failures").glob("*/*-rank*.json")]
     assert len({r["attempt"] for r in records}) == 2  # the first run and one retry, no more
+
+
+def test_a_group_of_one_listens_on_loopback_only(monkeypatch):
+    """The rendezvous store of `--without-ray`'s group of one (all on this host) is bound to
+    127.0.0.1, not to every interface (torch's default: `::`, any address)."""
+    import os
+
+    import torch.distributed as dist
+
+    from coatnet_scale.standalone import init_process_group
+
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(name, raising=False)  # undone after the test, as the group is
+    init_process_group(use_gpu=False)
+    try:
+        port = int(os.environ["MASTER_PORT"])
+        listening = [line.split()[1].split(":")[0] for table in ("/proc/net/tcp", "/proc/net/tcp6")
+                     for line in Path(table).read_text().splitlines()[1:]
+                     if line.split()[3] == "0A" and int(line.split()[1].split(":")[1], 16) == port]
+    finally:
+        dist.destroy_process_group()
+    assert listening == ["0100007F"]  # 127.0.0.1, little-endian hex; before, :: (all interfaces)

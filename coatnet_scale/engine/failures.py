@@ -9,7 +9,9 @@ group's shape (world size and nodes). A group that starts from the same checkpoi
 same shape, as the last two failed attempts of its job stops at once and names the error, when
 the last attempt's first failure is one the attempt before also ended with. A new checkpoint in
 between, or a group of another size or on other nodes, goes on; a new job (running the command
-again) starts a new record of attempts.
+again) starts a new record of attempts. A transient storage error (throttling, a 5xx, a dropped
+connection: `storage.transient`, what is left after the storage call's own retries) never
+counts: the next attempt may well find the store answering.
 
 A stop stays a stop. Whatever stopped the run on purpose (this rule, or run health: repeated
 NaN, repeated rollbacks, repeated failed saves) is written to {run}/STOPPED.json, and the
@@ -28,7 +30,7 @@ from dataclasses import dataclass
 
 import torch.distributed as dist
 
-from coatnet_scale.storage import url_to_fs, write_atomic
+from coatnet_scale.storage import transient, url_to_fs, write_atomic
 
 STOPPED = "STOPPED.json"
 OVERRIDE = "train.override_stop"
@@ -102,7 +104,8 @@ class FailureLog:
         try:
             self._write(f"{attempt.id}-rank{rank:05d}.json", {
                 "attempt": attempt.id, "rank": rank, "step": step, "resumed_from": attempt.resumed_from,
-                "shape": attempt.shape, "error": error_signature(error), "time": time.time(),
+                "shape": attempt.shape, "error": error_signature(error), "transient": transient(error),
+                "time": time.time(),
             })
         except Exception as e:
             print(f"rank {rank}: cannot record the failure in {self.url}: {type(e).__name__}: {e}", flush=True)
@@ -149,7 +152,8 @@ class FailureLog:
         # (each names its own shard, and a rank killed with its group records nothing). So the
         # error repeats when any rank of the attempt before ended with it, numbers aside.
         where = min(last, key=lambda r: r["time"])
-        if not same_start or _without_numbers(where["error"]) not in {_without_numbers(r["error"]) for r in before}:
+        repeats = {_without_numbers(r["error"]) for r in before if not r.get("transient")}
+        if not same_start or where.get("transient") or _without_numbers(where["error"]) not in repeats:
             return None
         error = where["error"]
         start = f"checkpoint {resumed_from}" if resumed_from else "the beginning"

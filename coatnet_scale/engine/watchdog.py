@@ -12,7 +12,8 @@ the ranks waiting on it can, and they are the ones that time out.
 
 The stacks land in {storage.url}/{run_name}/diagnostics/{job}/ as {time}-rank{R}.txt, written
 in place on a local or shared filesystem. With object storage they go to a node-local folder
-first (a dying process cannot upload), and the next attempt on that node uploads them. Files
+first (a dying process cannot upload), and the next attempt on that node uploads them, each
+once however many of its ranks start there (`Watchdog._upload_leftovers`). Files
 of ranks that never timed out are empty and removed when the rank ends normally.
 
 The collective timeout is set from the same key (`collective_timeout_s`), longer than the step
@@ -30,6 +31,8 @@ import time
 from fsspec.implementations.local import LocalFileSystem
 
 from coatnet_scale.storage import url_to_fs
+
+CLAIMED = ".uploading-"  # a dump a rank is uploading: .uploading-{pid}-{name}
 
 
 def collective_timeout_s(hang_timeout_s: float) -> float:
@@ -62,6 +65,16 @@ def gpu_worker_env(run_url: str) -> dict:
             "PYTORCH_CUDA_ALLOC_CONF": "expandable_segments:True"}
 
 
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's
+        pass
+    return True
+
+
 class Watchdog:
     def __init__(self, run_url: str, storage_options: dict, job: str | None, rank: int):
         self.url = diagnostics_url(run_url, job)
@@ -76,12 +89,31 @@ class Watchdog:
         self.file = open(self.path, "w")
 
     def _upload_leftovers(self, folder: str) -> None:
-        """What ranks of earlier attempts on this node dumped before they died."""
+        """What ranks of earlier attempts on this node dumped before they died. Every rank of
+        the node runs this as it starts, so a rank first claims a dump by renaming it (atomic:
+        another rank finds it gone and moves on) and each dump is uploaded once. A claim whose
+        rank died before it finished is taken over; a failed upload is put back for the next."""
         for name in sorted(os.listdir(folder)):
-            path = os.path.join(folder, name)
-            if os.path.getsize(path):  # an empty one is a live rank's, on this node
-                self.fs.put_file(path, f"{self.root}/{name}")
-                os.remove(path)
+            original = name
+            if name.startswith(CLAIMED):
+                pid, _, original = name[len(CLAIMED):].partition("-")
+                if _alive(int(pid)):
+                    continue
+            path, claim = os.path.join(folder, name), os.path.join(folder, f"{CLAIMED}{os.getpid()}-{original}")
+            try:
+                if not os.path.getsize(path):  # an empty one is a live rank's, on this node
+                    continue
+                os.rename(path, claim)
+            except FileNotFoundError:  # another rank of this node took it
+                continue
+            try:
+                self.fs.put_file(claim, f"{self.root}/{original}")
+            except Exception as e:  # the stacks matter, but not more than starting
+                os.rename(claim, os.path.join(folder, original))
+                print(f"cannot upload the stacks {original} to {self.url} (kept for the next attempt): "
+                      f"{type(e).__name__}: {e}", flush=True)
+                continue
+            os.remove(claim)
 
     def arm(self, seconds: float) -> None:
         """Dump and exit unless re-armed (or closed) within `seconds`."""
