@@ -3,10 +3,12 @@ from coatnet_scale.models.coatnet import (
     MODEL_SPECS,
     Checkpointing,
     CoAtNet,
+    attention_order,
     count_flops,
     count_parameters,
     create_model,
     list_models,
+    probe_attention,
     resize_relative_position,
 )
 
@@ -14,9 +16,11 @@ __all__ = [
     "MODEL_SPECS",
     "Checkpointing",
     "CoAtNet",
+    "attention_order",
     "count_flops",
     "count_parameters",
     "create_model",
     "list_models",
+    "probe_attention",
     "resize_relative_position",
 ]
