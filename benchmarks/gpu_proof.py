@@ -12,6 +12,12 @@ in .whl/), carry `.whl`, and there run
 
 What it measures, each part in a process of its own (as a worker is: nothing an earlier part
 left on the device counts against the next), each against a figure from the same run:
+0. attention (first, seconds): benchmarks/attention_check.py, CoAtNet-5's (20 heads of 64) and
+   CoAtNet-6/7's (12 of 128) attention at the six token counts: the gradients of the bias table,
+   q, k and v under every SDPA kernel in bf16 against math in fp32, right / WRONG / unavailable
+   and milliseconds each. The kernel the engine runs (model.attention_backend=auto) must be
+   right everywhere, or the part fails and the proof exits 1; `auto_choice` is the fastest
+   kernel right everywhere (what coatnet_scale.models.coatnet.MEASURED_AUTO records).
 1. engine: CoAtNet-5 at 224 px, bf16, ZeRO-3 on a world of one over NCCL, activation
    checkpointing on stages 2-4 (as configs/coatnet5.yaml), through the worker loop Ray Train
    runs (`engine.worker.train`, launched by coatnet_scale/standalone.py) on a corpus built
@@ -374,7 +380,12 @@ def table(report: dict) -> str:
     GiB = 2**30
     rows = [("device", report.get("device", "n/a (no part ran)")), ("peak assumed", report.get("peak", "n/a (CPU)"))]
     e, b, big = (report.get(part, {}) for part in ("engine", "baselines", "largest"))
-    for part, figures in (("engine", e), ("baselines", b), ("largest", big)):
+    for check in report.get("attention", {}).get("checks", []):
+        wrong = f"; WRONG: {', '.join(check['wrong'])}" if check["wrong"] else ""
+        rows.append((f"attention {check['heads']}x{check['head_dim']}, 6 token counts",
+                     f"engine runs {', '.join(check['engine_kernels'])}: {'right' if check['engine_right'] else 'WRONG'}; "
+                     f"fastest right: {check['auto_choice']}{wrong}"))
+    for part, figures in (("attention", report.get("attention", {})), ("engine", e), ("baselines", b), ("largest", big)):
         if "failed" in figures or "skipped" in figures:
             rows.append((part, f"FAILED: {figures['failed']}" if "failed" in figures else f"skipped: {figures['skipped']}"))
     if "images_per_second" in e:
@@ -414,7 +425,23 @@ def table(report: dict) -> str:
     return "\n".join(f"| {k:<{width}} | {v} |" for k, v in rows)
 
 
-PARTS = ("engine", "baselines", "largest", *(f"ablation:{i}" for i in range(len(ABLATION))))
+PARTS = ("attention", "engine", "baselines", "largest", *(f"ablation:{i}" for i in range(len(ABLATION))))
+
+
+def part_attention(sizes: Sizes, device) -> dict:
+    """benchmarks/attention_check.py at the model's head shapes; failed when the engine's kernel is wrong."""
+    import attention_check
+
+    shapes = [(2, 16)] if sizes.smoke else [(20, 64), (12, 128)]  # CoAtNet-5 stage 3; CoAtNet-6/7
+    reports = [attention_check.run(device, batch=2 if sizes.smoke else 8, heads=h, head_dim=d) for h, d in shapes]
+    for report in reports:
+        print(attention_check.table(report), flush=True)
+    figures = {"checks": reports, "auto_choice": [r["auto_choice"] for r in reports],
+               "wrong": sorted({k for r in reports for k in r["wrong"]})}
+    if not all(r["engine_right"] for r in reports):
+        figures["failed"] = (f"the engine's attention kernel ({', '.join(reports[0]['engine_kernels'])}) gives wrong "
+                             f"gradients: see checks")
+    return figures
 
 
 def run_part(args, sizes: Sizes) -> dict:
@@ -440,7 +467,9 @@ def run_part(args, sizes: Sizes) -> dict:
         memory, peak_flops = properties.total_memory, peak * 1e12
     work, corpus = Path(args.work), str(Path(args.work) / "corpus")
     part = args.part
-    if part == "engine":
+    if part == "attention":
+        figures = part_attention(sizes, device)
+    elif part == "engine":
         figures = part_engine(sizes, device, work, corpus, peak_flops, memory)
     elif part == "baselines":
         figures = part_baselines(sizes, device)
@@ -535,6 +564,9 @@ def main(argv: list[str] | None = None) -> int:
     print(table(report))
     print(ablation_table(report["ablation"]))
     print(f"gpu_proof: {report['seconds']:.0f}s in all; figures in {args.out}")
+    if "failed" in report["attention"]:
+        print(f"gpu_proof: ATTENTION IS WRONG: {report['attention']['failed']}", file=sys.stderr)
+        return 1
     return 0
 
 
