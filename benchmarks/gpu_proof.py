@@ -3,12 +3,13 @@
     python benchmarks/gpu_proof.py --out proof.json             # one GPU, about 6 minutes
     python benchmarks/gpu_proof.py --smoke --out smoke.json     # the same code, tiny, on the CPU
 
-On a GPU host that has PyTorch but not DeepSpeed (no Ray needed): build the wheels here with
-`bash ../shared/device/wheels.sh` (DeepSpeed, pydantic, webdataset and what they import, ~5 MB
-in .whl/), carry `.whl`, and there run
-    python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl
+On a GPU host that has PyTorch but not DeepSpeed (no Ray needed): `make wheelhouse` here
+(launch/wheelhouse.sh: this project, DeepSpeed, pydantic, webdataset and what they import), carry
+wheelhouse/, and there run
+    python3 -m pip install -q --no-index --no-deps --target /tmp/site wheelhouse/*.whl
     PYTHONPATH=/tmp/site:$PWD DS_BUILD_OPS=0 python3 benchmarks/gpu_proof.py --budget-s 380 --out $OUT/proof.json
-(about 5 minutes on an H200; --budget-s starts no part after that many seconds).
+(about 5 minutes on an H200; --budget-s starts no part after that many seconds), or the whole
+leased run, attention to headline: benchmarks/gpu_run.sh.
 
 What it measures, each part in a process of its own (as a worker is: nothing an earlier part
 left on the device counts against the next), each against a figure from the same run:
@@ -18,6 +19,10 @@ left on the device counts against the next), each against a figure from the same
    and milliseconds each. The kernel the engine runs (model.attention_backend=auto) must be
    right everywhere, or the part fails and the proof exits 1; `auto_choice` is the fastest
    kernel right everywhere (what coatnet_scale.models.coatnet.MEASURED_AUTO records).
+0b. profile: `python -m coatnet_scale.profile`'s per-stage table of configs/coatnet5.yaml as
+   configured (compiled blocks, auto checkpointing) at the engine's micro-batch on this corpus:
+   forward and backward time of the stem, each stage and the head, the optimizer step, ZeRO-3's
+   gathers and partitions and the data wait, with FLOPs, bytes, TFLOP/s and the roofline bound.
 1. engine: CoAtNet-5 at 224 px, bf16, ZeRO-3 on a world of one over NCCL, activation
    checkpointing on stages 2-4 (as configs/coatnet5.yaml), through the worker loop Ray Train
    runs (`engine.worker.train`, launched by coatnet_scale/standalone.py) on a corpus built
@@ -425,7 +430,27 @@ def table(report: dict) -> str:
     return "\n".join(f"| {k:<{width}} | {v} |" for k, v in rows)
 
 
-PARTS = ("attention", "engine", "baselines", "largest", *(f"ablation:{i}" for i in range(len(ABLATION))))
+PARTS = ("attention", "profile", "engine", "baselines", "largest", *(f"ablation:{i}" for i in range(len(ABLATION))))
+
+
+def part_profile(sizes: Sizes, work: Path, corpus: str, peak_tflops: float | None) -> dict:
+    """coatnet_scale.profile on this process's group: coatnet5.yaml as configured (smoke: the tiny
+    model, as the engine part runs it)."""
+    from coatnet_scale.config import load_config
+    from coatnet_scale.profile import format_table, run_profile
+
+    if sizes.smoke:
+        config = proof_config(sizes, sizes.model, sizes.micro_batch, str(work / "runs"), corpus, "profile", [2, 3, 4],
+                              10**6, 10**9)
+    else:
+        config = load_config("coatnet5.yaml", [
+            "run_name=profile", "model.num_classes=10", f"train.micro_batch_size={sizes.micro_batch}",
+            f"data.train_manifest={corpus}/train/manifest.json", "data.val_manifest=null", "monitoring.enabled=false",
+            f"data.num_workers={sizes.loader_workers}", f"storage.url={work / 'runs'}", "cluster.num_workers=1",
+            f"train.global_batch_size={sizes.micro_batch}", "checkpoint.at_end=false"])
+    report = run_profile(config, 2 if sizes.smoke else 5, peak_tflops)
+    print(format_table(report), flush=True)
+    return report
 
 
 def part_attention(sizes: Sizes, device) -> dict:
@@ -433,7 +458,8 @@ def part_attention(sizes: Sizes, device) -> dict:
     import attention_check
 
     shapes = [(2, 16)] if sizes.smoke else [(20, 64), (12, 128)]  # CoAtNet-5 stage 3; CoAtNet-6/7
-    reports = [attention_check.run(device, batch=2 if sizes.smoke else 8, heads=h, head_dim=d) for h, d in shapes]
+    reports = [attention_check.run(device, batch=2 if sizes.smoke else 8, heads=h, head_dim=d, repeats=1 if sizes.smoke else 5)
+               for h, d in shapes]
     for report in reports:
         print(attention_check.table(report), flush=True)
     figures = {"checks": reports, "auto_choice": [r["auto_choice"] for r in reports],
@@ -469,6 +495,8 @@ def run_part(args, sizes: Sizes) -> dict:
     part = args.part
     if part == "attention":
         figures = part_attention(sizes, device)
+    elif part == "profile":
+        figures = part_profile(sizes, work, corpus, args.peak_tflops or (peak_flops / 1e12 if peak_flops else None))
     elif part == "engine":
         figures = part_engine(sizes, device, work, corpus, peak_flops, memory)
     elif part == "baselines":
@@ -562,6 +590,10 @@ def main(argv: list[str] | None = None) -> int:
     report["seconds"] = time.monotonic() - started
     Path(args.out).write_text(json.dumps(report, indent=1))
     print(table(report))
+    if "rows" in report.get("profile", {}):
+        from coatnet_scale.profile import format_table
+
+        print(format_table(report["profile"]))
     print(ablation_table(report["ablation"]))
     print(f"gpu_proof: {report['seconds']:.0f}s in all; figures in {args.out}")
     if "failed" in report["attention"]:
