@@ -3,15 +3,26 @@
     python benchmarks/gpu_proof.py --out proof.json             # one GPU, about 6 minutes
     python benchmarks/gpu_proof.py --smoke --out smoke.json     # the same code, tiny, on the CPU
 
-On a GPU host that has PyTorch but not DeepSpeed (no Ray needed): build the wheels here with
-`bash ../shared/device/wheels.sh` (DeepSpeed, pydantic, webdataset and what they import, ~5 MB
-in .whl/), carry `.whl`, and there run
-    python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl
+On a GPU host that has PyTorch but not DeepSpeed (no Ray needed): `make wheelhouse` here
+(launch/wheelhouse.sh: this project, DeepSpeed, pydantic, webdataset and what they import), carry
+wheelhouse/, and there run
+    python3 -m pip install -q --no-index --no-deps --target /tmp/site wheelhouse/*.whl
     PYTHONPATH=/tmp/site:$PWD DS_BUILD_OPS=0 python3 benchmarks/gpu_proof.py --budget-s 380 --out $OUT/proof.json
-(about 5 minutes on an H200; --budget-s starts no part after that many seconds).
+(about 5 minutes on an H200; --budget-s starts no part after that many seconds), or the whole
+leased run, attention to headline: benchmarks/gpu_run.sh.
 
 What it measures, each part in a process of its own (as a worker is: nothing an earlier part
 left on the device counts against the next), each against a figure from the same run:
+0. attention (first, seconds): benchmarks/attention_check.py, CoAtNet-5's (20 heads of 64) and
+   CoAtNet-6/7's (12 of 128) attention at the six token counts: the gradients of the bias table,
+   q, k and v under every SDPA kernel in bf16 against math in fp32, right / WRONG / unavailable
+   and milliseconds each. The kernel the engine runs (model.attention_backend=auto) must be
+   right everywhere, or the part fails and the proof exits 1; `auto_choice` is the fastest
+   kernel right everywhere (what coatnet_scale.models.coatnet.MEASURED_AUTO records).
+0b. profile: `python -m coatnet_scale.profile`'s per-stage table of configs/coatnet5.yaml as
+   configured (compiled blocks, auto checkpointing) at the engine's micro-batch on this corpus:
+   forward and backward time of the stem, each stage and the head, the optimizer step, ZeRO-3's
+   gathers and partitions and the data wait, with FLOPs, bytes, TFLOP/s and the roofline bound.
 1. engine: CoAtNet-5 at 224 px, bf16, ZeRO-3 on a world of one over NCCL, activation
    checkpointing on stages 2-4 (as configs/coatnet5.yaml), through the worker loop Ray Train
    runs (`engine.worker.train`, launched by coatnet_scale/standalone.py) on a corpus built
@@ -374,7 +385,12 @@ def table(report: dict) -> str:
     GiB = 2**30
     rows = [("device", report.get("device", "n/a (no part ran)")), ("peak assumed", report.get("peak", "n/a (CPU)"))]
     e, b, big = (report.get(part, {}) for part in ("engine", "baselines", "largest"))
-    for part, figures in (("engine", e), ("baselines", b), ("largest", big)):
+    for check in report.get("attention", {}).get("checks", []):
+        wrong = f"; WRONG: {', '.join(check['wrong'])}" if check["wrong"] else ""
+        rows.append((f"attention {check['heads']}x{check['head_dim']}, 6 token counts",
+                     f"engine runs {', '.join(check['engine_kernels'])}: {'right' if check['engine_right'] else 'WRONG'}; "
+                     f"fastest right: {check['auto_choice']}{wrong}"))
+    for part, figures in (("attention", report.get("attention", {})), ("engine", e), ("baselines", b), ("largest", big)):
         if "failed" in figures or "skipped" in figures:
             rows.append((part, f"FAILED: {figures['failed']}" if "failed" in figures else f"skipped: {figures['skipped']}"))
     if "images_per_second" in e:
@@ -414,7 +430,44 @@ def table(report: dict) -> str:
     return "\n".join(f"| {k:<{width}} | {v} |" for k, v in rows)
 
 
-PARTS = ("engine", "baselines", "largest", *(f"ablation:{i}" for i in range(len(ABLATION))))
+PARTS = ("attention", "profile", "engine", "baselines", "largest", *(f"ablation:{i}" for i in range(len(ABLATION))))
+
+
+def part_profile(sizes: Sizes, work: Path, corpus: str, peak_tflops: float | None) -> dict:
+    """coatnet_scale.profile on this process's group: coatnet5.yaml as configured (smoke: the tiny
+    model, as the engine part runs it)."""
+    from coatnet_scale.config import load_config
+    from coatnet_scale.profile import format_table, run_profile
+
+    if sizes.smoke:
+        config = proof_config(sizes, sizes.model, sizes.micro_batch, str(work / "runs"), corpus, "profile", [2, 3, 4],
+                              10**6, 10**9)
+    else:
+        config = load_config("coatnet5.yaml", [
+            "run_name=profile", "model.num_classes=10", f"train.micro_batch_size={sizes.micro_batch}",
+            f"data.train_manifest={corpus}/train/manifest.json", "data.val_manifest=null", "monitoring.enabled=false",
+            f"data.num_workers={sizes.loader_workers}", f"storage.url={work / 'runs'}", "cluster.num_workers=1",
+            f"train.global_batch_size={sizes.micro_batch}", "checkpoint.at_end=false"])
+    report = run_profile(config, 2 if sizes.smoke else 5, peak_tflops)
+    print(format_table(report), flush=True)
+    return report
+
+
+def part_attention(sizes: Sizes, device) -> dict:
+    """benchmarks/attention_check.py at the model's head shapes; failed when the engine's kernel is wrong."""
+    import attention_check
+
+    shapes = [(2, 16)] if sizes.smoke else [(20, 64), (12, 128)]  # CoAtNet-5 stage 3; CoAtNet-6/7
+    reports = [attention_check.run(device, batch=2 if sizes.smoke else 8, heads=h, head_dim=d, repeats=1 if sizes.smoke else 5)
+               for h, d in shapes]
+    for report in reports:
+        print(attention_check.table(report), flush=True)
+    figures = {"checks": reports, "auto_choice": [r["auto_choice"] for r in reports],
+               "wrong": sorted({k for r in reports for k in r["wrong"]})}
+    if not all(r["engine_right"] for r in reports):
+        figures["failed"] = (f"the engine's attention kernel ({', '.join(reports[0]['engine_kernels'])}) gives wrong "
+                             f"gradients: see checks")
+    return figures
 
 
 def run_part(args, sizes: Sizes) -> dict:
@@ -440,7 +493,11 @@ def run_part(args, sizes: Sizes) -> dict:
         memory, peak_flops = properties.total_memory, peak * 1e12
     work, corpus = Path(args.work), str(Path(args.work) / "corpus")
     part = args.part
-    if part == "engine":
+    if part == "attention":
+        figures = part_attention(sizes, device)
+    elif part == "profile":
+        figures = part_profile(sizes, work, corpus, args.peak_tflops or (peak_flops / 1e12 if peak_flops else None))
+    elif part == "engine":
         figures = part_engine(sizes, device, work, corpus, peak_flops, memory)
     elif part == "baselines":
         figures = part_baselines(sizes, device)
@@ -533,8 +590,15 @@ def main(argv: list[str] | None = None) -> int:
     report["seconds"] = time.monotonic() - started
     Path(args.out).write_text(json.dumps(report, indent=1))
     print(table(report))
+    if "rows" in report.get("profile", {}):
+        from coatnet_scale.profile import format_table
+
+        print(format_table(report["profile"]))
     print(ablation_table(report["ablation"]))
     print(f"gpu_proof: {report['seconds']:.0f}s in all; figures in {args.out}")
+    if "failed" in report["attention"]:
+        print(f"gpu_proof: ATTENTION IS WRONG: {report['attention']['failed']}", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -49,6 +49,17 @@ class ModelConfig(Section):
     channels_last: bool = Field(False, description="the stem and MBConv stages in channels-last memory format")
     compile: Literal["none", "blocks"] = Field("none", description="blocks: torch.compile (inductor) each MBConv and "
                                                                    "Transformer block, a ZeRO-3 leaf (docs/engine.md)")
+    attention_backend: Literal["auto", "efficient", "cudnn", "flash", "math"] = Field(
+        "auto", description="the scaled_dot_product_attention kernel; auto: the fastest known to give the position bias "
+                            "its gradient on this device (docs/models.md, Attention kernels)")
+
+    @field_validator("attention_backend")
+    @classmethod
+    def _takes_the_bias(cls, backend: str) -> str:
+        if backend == "flash":  # a value users will try: say why it cannot serve, not just "not one of"
+            raise ValueError("no flash kernel takes an additive mask that needs its gradient (the relative-position "
+                             "bias); use auto, efficient, cudnn or math")
+        return backend
 
 
 class DataConfig(Section):
@@ -256,6 +267,13 @@ class Config(Section):
     def _auto_checkpointing_has_a_budget(self) -> "Config":
         if self.model.checkpointing == "auto" and not self.cluster.use_gpu and self.cluster.gpu_memory is None:
             raise ValueError("model.checkpointing=auto on CPU workers needs cluster.gpu_memory (GiB per worker to plan for)")
+        return self
+
+    @model_validator(mode="after")
+    def _attention_kernel_on_this_device(self) -> "Config":
+        if self.model.attention_backend in ("efficient", "cudnn") and not self.cluster.use_gpu:
+            raise ValueError(f"model.attention_backend={self.model.attention_backend} is a CUDA kernel and "
+                             f"cluster.use_gpu=false; use auto or math on CPU workers")
         return self
 
     @model_validator(mode="after")

@@ -33,11 +33,13 @@ from torch.utils._pytree import tree_leaves
 from coatnet_scale.batch import batch_plan
 from coatnet_scale.config import add_config_arguments, config_from_arguments
 from coatnet_scale.models import MODEL_SPECS, Checkpointing, count_flops, count_parameters, create_model
-from coatnet_scale.plan_checkpointing import block_costs, choose_blocks, describe_blocks
+from coatnet_scale.models.coatnet import MBConv, TransformerBlock
+from coatnet_scale.plan_checkpointing import BlockCost, block_costs, choose_blocks, describe_blocks
 
 GiB = 2**30
 BYTES_PER_PARAM = {"parameters": 2 + 4, "gradients": 4, "optimizer": 8}  # bf16 + fp32 master; fp32; AdamW m, v
 RESERVED = 0.10  # allocator fragmentation, communication buffers, CUDA context
+BLOCK_KINDS = {"mbconv": MBConv, "transformer": TransformerBlock}
 
 
 # Memory a kernel takes inside itself, invisible at the tensor level, measured per device.
@@ -63,6 +65,33 @@ SUB_GROUP_SIZE = 1_000_000_000  # zero_optimization.sub_group_size, DeepSpeed's 
 def optimizer_step_bytes(params: int, world_size: int, device: str = "cuda") -> int:
     """Per-GPU transient bytes of the optimizer step beyond the model states."""
     return OPTIMIZER_STEP_BYTES[device] * min(math.ceil(params / world_size), SUB_GROUP_SIZE)
+
+
+# Compiled blocks (model.compile: blocks) keep less for backward than eager ones (inductor fuses
+# the elementwise chains, saving fewer intermediates), which the meta-device replay below, of
+# eager ops, cannot see. Per block kind: compiled activation bytes over eager, and where that was
+# measured (a results file of benchmarks/gpu_proof.py, its compiled row's peak against the
+# planner's). UNSET until a GPU measures them: the planner then plans compiled blocks with eager
+# figures, and says so.
+COMPILED_ACTIVATION_FACTORS: dict[str, tuple[float, str] | None] = {"mbconv": None, "transformer": None}
+EAGER_NOTE = "compiled activation memory: no GPU measurement yet; planning with eager figures"
+
+
+def compiled_factors(model_config, factors: dict[str, float] | None = None
+                     ) -> tuple[tuple[tuple[str, float], ...], str | None]:
+    """(the per-kind factors to plan `model_config` with, the line saying so): `factors` where
+    given, else the measured table's once every kind has one; () plans eager. The line is None
+    when model.compile is not blocks."""
+    if model_config.compile != "blocks":
+        return (), None
+    if factors is not None:
+        return tuple(sorted(factors.items())), "compiled activation memory: " + ", ".join(
+            f"{kind} x{f:.2f} (given, not measured)" for kind, f in sorted(factors.items()))
+    if any(v is None for v in COMPILED_ACTIVATION_FACTORS.values()):
+        return (), EAGER_NOTE
+    table = sorted(COMPILED_ACTIVATION_FACTORS.items())
+    return tuple((kind, f) for kind, (f, _) in table), "compiled activation memory: " + ", ".join(
+        f"{kind} x{f:.2f} (measured: {source})" for kind, (f, source) in table)
 
 
 @dataclass
@@ -96,13 +125,15 @@ class _LiveBytes(TorchDispatchMode):
     def __init__(self, element_bytes: int, workspace: dict):
         super().__init__()
         self.element_bytes, self.workspace = element_bytes, workspace
+        self.scale = 1.0  # inside a compiled block's forward: its kind's factor
         self.live: dict[int, tuple[int, weakref.ref | None]] = {}
         self.now = 0
         self.trace: list[int] = []
 
     def size(self, tensor: torch.Tensor) -> int:
         nbytes = tensor.untyped_storage().nbytes()
-        return nbytes // tensor.element_size() * self.element_bytes if tensor.is_floating_point() else nbytes
+        nbytes = nbytes // tensor.element_size() * self.element_bytes if tensor.is_floating_point() else nbytes
+        return round(nbytes * self.scale)
 
     def exclude(self, tensor: torch.Tensor) -> None:
         """A model state from now on (a parameter, or a gradient once accumulated)."""
@@ -126,12 +157,17 @@ class _LiveBytes(TorchDispatchMode):
         return out
 
 
-def _step_trace(model, batch: int, element_bytes: int, device: str) -> list[int]:
-    """Activation bytes alive after each op of forward, loss and backward, run on the meta device."""
+def _step_trace(model, batch: int, element_bytes: int, device: str, factors: tuple = ()) -> list[int]:
+    """Activation bytes alive after each op of forward, loss and backward, run on the meta device;
+    what a block's forward makes counted at its kind's compiled factor (`compiled_factors`)."""
     mode = _LiveBytes(element_bytes, HIDDEN_WORKSPACE[device])
     for state in [*model.parameters(), *model.buffers()]:
         mode.exclude(state)
     hooks = [p.register_post_accumulate_grad_hook(lambda p: mode.exclude(p.grad)) for p in model.parameters()]
+    for kind, factor in factors:
+        for block in (b for stage in model.stages for b in stage if isinstance(b, BLOCK_KINDS[kind])):
+            hooks.append(block.register_forward_pre_hook(lambda m, a, f=factor: setattr(mode, "scale", f)))
+            hooks.append(block.register_forward_hook(lambda m, a, o: setattr(mode, "scale", 1.0)))
     with mode:
         images = torch.empty(batch, 3, model.image_size, model.image_size, device="meta")
         targets = torch.empty(batch, model.num_classes, device="meta")  # soft targets, as the pipeline gives
@@ -153,38 +189,39 @@ def _envelope(lines: set[tuple[int, int]]) -> list[tuple[int, int]]:
 
 
 def activation_profile(model_name: str, image_size: int, checkpointing: Checkpointing, element_bytes: int = 2,
-                       num_classes: int = 1000, device: str = "cuda") -> ActivationProfile:
+                       num_classes: int = 1000, device: str = "cuda", factors: tuple = ()) -> ActivationProfile:
     """Activation memory of a training step, without checkpointing and with `checkpointing`,
     floating-point tensors at `element_bytes` (2: bf16). `device` names whose kernels' hidden
-    workspace is added (HIDDEN_WORKSPACE): "cuda" or "cpu"."""
-    none = activation_lines(model_name, image_size, Checkpointing(), element_bytes, num_classes, device)
+    workspace is added (HIDDEN_WORKSPACE): "cuda" or "cpu"; `factors`: compiled blocks'
+    (`compiled_factors`; () for eager)."""
+    none = activation_lines(model_name, image_size, Checkpointing(), element_bytes, num_classes, device, factors)
     if not checkpointing.enabled:
         return ActivationProfile({False: none, True: none})
     return ActivationProfile({False: none, True: activation_lines(model_name, image_size, checkpointing, element_bytes,
-                                                                  num_classes, device)})
+                                                                  num_classes, device, factors)})
 
 
 @functools.lru_cache(maxsize=256)
 def activation_lines(model_name: str, image_size: int, checkpointing: Checkpointing, element_bytes: int = 2,
-                     num_classes: int = 1000, device: str = "cuda") -> list[tuple[int, int]]:
+                     num_classes: int = 1000, device: str = "cuda", factors: tuple = ()) -> list[tuple[int, int]]:
     """`ActivationProfile.lines` of one policy. The step runs at batch 2 and 3 (batch 1 skips a
     few copies): every tensor's size is affine in the batch, so the two traces give each op's line."""
     if device not in HIDDEN_WORKSPACE:
         raise ValueError(f"device must be one of {', '.join(HIDDEN_WORKSPACE)}, got {device!r}")
     with torch.device("meta"):
         model = create_model(model_name, num_classes, image_size, checkpointing=checkpointing).train()
-    two, three = (_step_trace(model, batch, element_bytes, device) for batch in (2, 3))
+    two, three = (_step_trace(model, batch, element_bytes, device, factors) for batch in (2, 3))
     assert len(two) == len(three), "the step ran different ops at batch 2 and 3"
     return _envelope({(3 * a - 2 * b, b - a) for a, b in zip(two, three)})
 
 
 @functools.lru_cache(maxsize=256)
 def activation_peak(model_name: str, image_size: int, checkpointing: Checkpointing, batch: int, element_bytes: int = 2,
-                    num_classes: int = 1000, device: str = "cuda") -> int:
+                    num_classes: int = 1000, device: str = "cuda", factors: tuple = ()) -> int:
     """The activation peak of a step at this batch, from one replay (`activation_lines` takes two)."""
     with torch.device("meta"):
         model = create_model(model_name, num_classes, image_size, checkpointing=checkpointing).train()
-    return max(_step_trace(model, batch, element_bytes, device))
+    return max(_step_trace(model, batch, element_bytes, device, factors))
 
 
 def largest_layer_params(model_name: str, num_classes: int = 1000) -> int:
@@ -224,7 +261,7 @@ def hpz_copy_bytes(params: int, hpz: int, dtype_bytes: int = 2) -> float:
 
 def predicted_allocated_bytes(model_name: str, image_size: int, micro_batch: int, checkpointing: Checkpointing,
                               dtype_bytes: int = 2, world_size: int = 1, num_classes: int = 1000,
-                              reduce_bucket_size: int = 50_000_000, device: str = "cuda") -> int:
+                              reduce_bucket_size: int = 50_000_000, device: str = "cuda", factors: tuple = ()) -> int:
     """The planner's peak allocated bytes per GPU for a ZeRO-3 training step (AdamW, mixed
     precision with `dtype_bytes` per activation and working weight, 2 for bf16) at this
     micro-batch, without hpZ: model states (`model_states`) plus the higher of the activation
@@ -235,22 +272,26 @@ def predicted_allocated_bytes(model_name: str, image_size: int, micro_batch: int
         params = count_parameters(create_model(model_name, num_classes, image_size))
     states = model_states(params, largest_layer_params(model_name, num_classes), world_size, dtype_bytes,
                           reduce_bucket_size)
-    profile = activation_profile(model_name, image_size, checkpointing, dtype_bytes, num_classes, device)
+    profile = activation_profile(model_name, image_size, checkpointing, dtype_bytes, num_classes, device, factors)
     activations = profile.total(checkpointing.enabled, micro_batch)
     transient = max(activations, optimizer_step_bytes(params, world_size, device))
     return round(sum(states.values()) + transient)
 
 
-def plan(config, gpus: int, gpu_memory: int, peak_tflops: float, mfu: float) -> dict:
+def plan(config, gpus: int, gpu_memory: int, peak_tflops: float, mfu: float,
+         factors: dict[str, float] | None = None) -> dict:
+    """Memory and time of a step of `config` on `gpus` GPUs; `factors`: compiled blocks'
+    activation factors per kind to plan with instead of the measured table's (`compiled_factors`)."""
     m, t = config.model, config.train
+    compiled, note = compiled_factors(m, factors)
     with torch.device("meta"):
         params = count_parameters(create_model(m.name, m.num_classes, m.image_size))
     largest = largest_layer_params(m.name, m.num_classes)
     states = model_states(params, largest, gpus, reduce_bucket_size=config.deepspeed.reduce_bucket_size)
     state_total = sum(states.values())
-    choice = checkpointing_policy(config, gpus, gpu_memory)
+    choice = checkpointing_policy(config, gpus, gpu_memory, factors=factors)
     policy = choice.policy
-    profile = activation_profile(m.name, m.image_size, policy, num_classes=m.num_classes)
+    profile = activation_profile(m.name, m.image_size, policy, num_classes=m.num_classes, factors=compiled)
     checkpointed = policy.enabled
     per_image = {"without checkpointing": profile.per_image(False), "with checkpointing": profile.per_image(True)}
     activations = profile.total(checkpointed, t.micro_batch_size)
@@ -273,7 +314,7 @@ def plan(config, gpus: int, gpu_memory: int, peak_tflops: float, mfu: float) -> 
         "allocated": allocated, "fits": allocated <= usable, "largest_micro_batch": largest_micro,
         "usable": usable, "step_flops": step_flops, "step_seconds": step_flops / (gpus * peak_tflops * 1e12 * mfu),
         "hardware_flops": hardware_flops, "hfu": mfu * hardware_flops / step_flops,
-        "largest_layer": largest, "checkpointing": choice,
+        "largest_layer": largest, "checkpointing": choice, "compiled_memory": note,
     }
 
 
@@ -287,6 +328,7 @@ class CheckpointingChoice:
     described: str  # which blocks, by stage
     activations: int | None = None  # auto: the predicted activation peak at the micro-batch
     budget: float | None = None  # auto: what the activations could take
+    note: str | None = None  # model.compile=blocks: which activation figures it planned with
 
 
 def configured_checkpointing(model_config) -> Checkpointing | None:
@@ -296,7 +338,7 @@ def configured_checkpointing(model_config) -> Checkpointing | None:
 
 
 def checkpointing_policy(config, world_size: int, device_memory: float, device: str = "cuda",
-                         element_bytes: int = 2) -> CheckpointingChoice:
+                         element_bytes: int = 2, factors: dict[str, float] | None = None) -> CheckpointingChoice:
     """The configured policy or, for `model.checkpointing: auto`, the fewest blocks (most
     activation bytes freed per recomputed FLOP first, plan_checkpointing) whose predicted step
     fits `device_memory` less the reserve at the configured micro-batch, beside the model states
@@ -304,8 +346,9 @@ def checkpointing_policy(config, world_size: int, device_memory: float, device: 
     m = config.model
     spec = MODEL_SPECS[m.name]
     configured = configured_checkpointing(m)
+    compiled, note = compiled_factors(m, factors)
     if configured is not None:
-        return CheckpointingChoice(configured, False, describe_blocks(spec, tuple(configured.chosen(spec))))
+        return CheckpointingChoice(configured, False, describe_blocks(spec, tuple(configured.chosen(spec))), note=note)
     with torch.device("meta"):
         params = count_parameters(create_model(m.name, m.num_classes, m.image_size))
     ds, micro = config.deepspeed, config.train.micro_batch_size
@@ -315,17 +358,27 @@ def checkpointing_policy(config, world_size: int, device_memory: float, device: 
     budget = usable - states - hpz_copy_bytes(params, ds.zero_hpz_partition_size, element_bytes)
 
     def peak(policy: Checkpointing) -> int:
-        return activation_peak(m.name, m.image_size, policy, micro, element_bytes, m.num_classes, device)
+        return activation_peak(m.name, m.image_size, policy, micro, element_bytes, m.num_classes, device, compiled)
 
     chosen = None
     if states + optimizer_step_bytes(params, world_size, device) <= usable:
-        chosen = choose_blocks(block_costs(m.name, m.image_size, m.num_classes, element_bytes), micro, peak, budget)
+        costs = compiled_costs(block_costs(m.name, m.image_size, m.num_classes, element_bytes), spec, compiled)
+        chosen = choose_blocks(costs, micro, peak, budget)
     if chosen is None:
         raise ValueError(f"model.checkpointing=auto: {m.name} at micro-batch {micro} DOES NOT FIT in {usable / GiB:.3g} "
                          f"GiB usable ({device_memory / GiB:.3g} GiB less {RESERVED:.0%}) on {world_size} GPUs even with "
                          f"every block checkpointed; lower train.micro_batch_size or add GPUs")
     blocks, activations = chosen
-    return CheckpointingChoice(Checkpointing(blocks=blocks), True, describe_blocks(spec, blocks), activations, budget)
+    return CheckpointingChoice(Checkpointing(blocks=blocks), True, describe_blocks(spec, blocks), activations, budget,
+                               note)
+
+
+def compiled_costs(costs: tuple[BlockCost, ...], spec, factors: tuple) -> tuple[BlockCost, ...]:
+    """Each block's bytes freed by checkpointing it, at its kind's compiled factor."""
+    if not factors:
+        return costs
+    kinds = [stage.kind for stage in spec.stages for _ in range(stage.depth)]
+    return tuple(BlockCost(round(c.freed * dict(factors)[kind]), c.flops) for c, kind in zip(costs, kinds))
 
 
 def describe_choice(choice: CheckpointingChoice, spec) -> str:
@@ -335,7 +388,7 @@ def describe_choice(choice: CheckpointingChoice, spec) -> str:
     line = f"activation checkpointing: {'auto' if choice.auto else 'as configured'}, {count} of {total} blocks ({choice.described})"
     if choice.auto:
         line += f"; predicted activation peak {choice.activations / GiB:.2f} GiB of {choice.budget / GiB:.2f} GiB left for them"
-    return line
+    return line + (f"\n{choice.note}" if choice.note else "")
 
 
 # -- network: what ZeRO-3 sends per step ------------------------------------------------------

@@ -65,6 +65,19 @@ def block_costs(model_name: str, image_size: int, num_classes: int = 1000, eleme
                  for b in range(len(blocks)))
 
 
+@functools.lru_cache(maxsize=16)
+def stem_and_head_flops(model_name: str, image_size: int, num_classes: int = 1000) -> tuple[int, int]:
+    """Forward FLOPs per image of the stem and of the head (final norm, pre-logits, classifier),
+    by the same count as `block_costs`: with the blocks', the model's `count_flops`."""
+    with torch.device("meta"):
+        model = create_model(model_name, num_classes, image_size).train()
+    with FlopCounterMode(display=False) as counter:
+        model(torch.empty(1, 3, image_size, image_size, device="meta"))
+    flops = {name: sum(ops.values()) for name, ops in counter.get_flop_counts().items()}
+    head = sum(flops.get(f"CoAtNet.{part}", 0) for part in ("norm", "pre_logits", "head"))
+    return flops.get("CoAtNet.stem", 0), head
+
+
 def choose_blocks(costs: tuple[BlockCost, ...], micro_batch: int, peak: Callable[[Checkpointing], int],
                   budget: float) -> tuple[tuple[int, ...], int] | None:
     """The fewest blocks, most bytes freed per recomputed FLOP first, whose step peak

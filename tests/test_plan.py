@@ -267,3 +267,33 @@ def test_print_config_shows_the_batch_plan_of_the_group():
     printed = yaml.safe_load(result.stdout)
     assert (printed["train"]["micro_batch_size"], printed["train"]["grad_accum_steps"]) == (16, 4)
     assert printed["cluster"]["num_workers"] == 64 and printed["train"]["global_batch_size"] == 4096
+
+
+def test_compiled_blocks_plan_with_eager_figures_until_a_gpu_measures_them():
+    """The compiled-memory hook: no factor is measured yet, so compiled blocks plan as eager and
+    the plan says so; a factor supplied here (not a measurement) lowers the activations, frees a
+    larger micro-batch and lets `auto` checkpoint fewer blocks; a factor of 1 is eager to the byte."""
+    from coatnet_scale.models import MODEL_SPECS
+    from coatnet_scale.plan import COMPILED_ACTIVATION_FACTORS, EAGER_NOTE
+
+    assert set(COMPILED_ACTIVATION_FACTORS) == {"mbconv", "transformer"}
+    assert all(v is None for v in COMPILED_ACTIVATION_FACTORS.values()), "measured factors need their source file"
+    sets = ["model.checkpointing=auto", "cluster.gpu_memory=0.4", "model.image_size=64", "train.micro_batch_size=160",
+            "train.global_batch_size=320"]
+    eager = plan(load_config("configs/tiny.yaml", sets), 1, 0.4 * GiB, 989.0, 0.4)
+    config = load_config("configs/tiny.yaml", [*sets, "model.compile=blocks"])
+    unmeasured = plan(config, 1, 0.4 * GiB, 989.0, 0.4)
+    assert unmeasured["compiled_memory"] == EAGER_NOTE and eager["compiled_memory"] is None
+    assert unmeasured["activations"] == eager["activations"]
+    assert unmeasured["largest_micro_batch"] == eager["largest_micro_batch"]
+    assert plan(config, 1, 0.4 * GiB, 989.0, 0.4, factors={"mbconv": 1.0, "transformer": 1.0})["activations"] == \
+        eager["activations"]
+
+    given = plan(config, 1, 0.4 * GiB, 989.0, 0.4, factors={"mbconv": 0.5, "transformer": 0.5})
+    assert given["compiled_memory"] == ("compiled activation memory: mbconv x0.50 (given, not measured), "
+                                        "transformer x0.50 (given, not measured)")
+    spec = MODEL_SPECS["coatnet_pico"]
+    assert len(eager["checkpointing"].policy.chosen(spec)) == 1  # eager needs a block recomputed here...
+    assert len(given["checkpointing"].policy.chosen(spec)) == 0  # ...compiled blocks at half the bytes none
+    assert given["largest_micro_batch"] > eager["largest_micro_batch"]
+    assert given["checkpointing"].note == given["compiled_memory"]

@@ -47,7 +47,7 @@ from coatnet_scale.engine.placement import placement_problems
 from coatnet_scale.engine.pretrained import load_initial_weights
 from coatnet_scale.engine.watchdog import Watchdog
 from coatnet_scale.engine.zero import deepspeed_config
-from coatnet_scale.models import MODEL_SPECS, Checkpointing, create_model
+from coatnet_scale.models import MODEL_SPECS, Checkpointing, attention_order, create_model, probe_attention
 from coatnet_scale.models.coatnet import BatchNorm2d
 from coatnet_scale.plan import GiB, checkpointing_policy, describe_choice
 from coatnet_scale.storage import storage_options, url_to_fs
@@ -104,9 +104,11 @@ def build_engine(config: Config, use_gpu: bool, initial_weights: bool = False, l
         ds_config["checkpoint"] = {"load_universal": True}
     m = config.model
     checkpointing = activation_checkpointing(config, use_gpu, ds_config["bf16"]["enabled"])
+    attention_kernel(config, use_gpu, ds_config["bf16"]["enabled"])
     torch.manual_seed(config.train.seed)  # the same initial weights whatever the world size
     with deepspeed.zero.Init(config_dict_or_path=ds_config, enabled=config.deepspeed.zero_stage == 3):
-        model = create_model(m.name, m.num_classes, m.image_size, m.drop_path_rate, checkpointing, m.channels_last)
+        model = create_model(m.name, m.num_classes, m.image_size, m.drop_path_rate, checkpointing, m.channels_last,
+                             m.attention_backend)
     if m.compile == "blocks":
         compiled = compile_blocks(model, use_gpu, config.train.micro_batch_size)
         if dist.get_rank() == 0:
@@ -145,6 +147,19 @@ def activation_checkpointing(config: Config, use_gpu: bool, bf16: bool) -> Check
         print(describe_choice(choice, MODEL_SPECS[config.model.name])
               + (f" (the group's smallest device: {memory / GiB:.3g} GiB)" if choice.auto else ""), flush=True)
     return choice.policy
+
+
+def attention_kernel(config: Config, use_gpu: bool, bf16: bool) -> None:
+    """Which attention kernel model.attention_backend runs here, found by running it once on this
+    device (every rank: one without a kernel fails here, not in its first step); rank 0 logs it."""
+    m = config.model
+    device = torch.device("cuda", torch.cuda.current_device()) if use_gpu else torch.device("cpu")
+    tokens = (m.image_size // 16) ** 2  # stage 3's grid
+    ran = probe_attention(m.attention_backend, device, torch.bfloat16 if bf16 else torch.float32,
+                          MODEL_SPECS[m.name].head_dim, tokens)
+    if dist.get_rank() == 0:
+        print(f"attention: model.attention_backend={m.attention_backend} runs {ran} on {device.type} (tried "
+              f"{', '.join(attention_order(m.attention_backend, device))} in that order, at {tokens} tokens)", flush=True)
 
 
 def input_dtype(engine) -> torch.dtype:

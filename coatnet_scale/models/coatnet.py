@@ -20,6 +20,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.checkpoint import checkpoint
 from torchvision.ops import StochasticDepth
 
@@ -222,17 +223,90 @@ def relative_position_index(height: int, width: int) -> torch.Tensor:
     return (delta[0] + height - 1) * (2 * width - 1) + (delta[1] + width - 1)
 
 
+# ---------------------------------------------------------------------------------------
+# Attention kernels (model.attention_backend). The relative-position bias reaches
+# scaled_dot_product_attention as its additive mask and must get its gradient. In torch 2.14:
+#   math: autograd through plain ops; right everywhere, the slowest and an N x N saved tensor;
+#   efficient: its backward computes the mask's gradient (CUDA only);
+#   cudnn: its backward op returns gradients for q, k and v only, so whether a mask that
+#     requires grad keeps its gradient there is for a GPU to show (benchmarks/gpu_proof.py,
+#     part attention), and torch 2.11+ gives NaN in grad_q at seq_len % 128 == 64 with a mask
+#     on SM90 (pytorch issue 196678): 576 tokens, stage 3 at 384 px;
+#   flash: takes no mask that requires grad (CUDA: no mask at all; CPU: no gradient for it).
+KERNELS = {
+    "efficient": SDPBackend.EFFICIENT_ATTENTION,
+    "cudnn": SDPBackend.CUDNN_ATTENTION,
+    "flash": SDPBackend.FLASH_ATTENTION,
+    "math": SDPBackend.MATH,
+}
+# auto, unmeasured: the kernels known to keep the bias's gradient, fastest first; never cuDNN
+# or flash. On a CPU only math qualifies.
+SAFE_AUTO = ("efficient", "math")
+# auto on a device whose compute capability gpu_proof's attention part measured: the fastest
+# kernel right at all six token counts (its `auto_choice`), and the results file showing it,
+# e.g. "sm90": ("cudnn", "benchmarks/results/gpu-<date>-<device>.json"). None measured yet.
+MEASURED_AUTO: dict[str, tuple[str, str]] = {}
+
+
+def attention_order(backend: str, device: torch.device | None = None) -> tuple[str, ...]:
+    """The kernels `backend` may run, in priority order, on `device` (default: the current CUDA
+    device if there is one)."""
+    if backend != "auto":
+        if backend not in KERNELS:
+            raise ValueError(f"unknown attention backend {backend!r}; one of auto, {', '.join(KERNELS)}")
+        return (backend,)
+    on_cuda = device.type == "cuda" if device is not None else torch.cuda.is_available()
+    if on_cuda:
+        major, minor = torch.cuda.get_device_capability(device)
+        measured = MEASURED_AUTO.get(f"sm{major}{minor}")
+        if measured:
+            return (measured[0], *(k for k in SAFE_AUTO if k != measured[0]))
+    return SAFE_AUTO
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor,
+              kernels: tuple[str, ...]) -> torch.Tensor:
+    """softmax(q k^T / sqrt(d) + bias) v on the first of `kernels` that takes these inputs."""
+    with sdpa_kernel([KERNELS[k] for k in kernels], set_priority=True):
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
+
+
+def kernel_that_ran(output: torch.Tensor) -> str:
+    """Which kernel made `output` (an attention output that requires grad), from its grad_fn."""
+    name = type(output.grad_fn).__name__
+    for kernel, marker in (("efficient", "EfficientAttention"), ("cudnn", "CudnnAttention"), ("flash", "FlashAttention")):
+        if marker in name:
+            return kernel
+    return "math"
+
+
+def probe_attention(backend: str, device: torch.device, dtype: torch.dtype, head_dim: int, tokens: int) -> str:
+    """The kernel `backend` runs for one training step's attention on `device` (bias requiring
+    grad); a ValueError, naming the key, where no kernel it allows takes these inputs."""
+    kernels = attention_order(backend, device)
+    q, k, v = (torch.randn(1, 2, tokens, head_dim, device=device, dtype=dtype, requires_grad=True) for _ in range(3))
+    bias = torch.zeros(1, 2, tokens, tokens, device=device, dtype=dtype, requires_grad=True)
+    try:
+        return kernel_that_ran(attention(q, k, v, bias, kernels))
+    except RuntimeError as e:
+        raise ValueError(f"model.attention_backend={backend}: no {'/'.join(kernels)} kernel takes this attention on "
+                         f"{device.type} in {dtype} (an additive position bias that needs its gradient, head dim "
+                         f"{head_dim}): {str(e).splitlines()[0]}; use auto or math") from None
+
+
 class RelativeAttention(nn.Module):
     """Multi-head self-attention with a learned scalar bias w[i - j] per head, added to the
     logits before the softmax. The bias goes to scaled_dot_product_attention as its additive
-    mask, so fused kernels run on a GPU."""
+    mask, so fused kernels run on a GPU; `backend` picks which (attention_order)."""
 
-    def __init__(self, dim_in: int, dim_out: int, head_dim: int, grid: tuple[int, int]):
+    def __init__(self, dim_in: int, dim_out: int, head_dim: int, grid: tuple[int, int], backend: str = "auto"):
         super().__init__()
         if dim_out % head_dim:
             raise ValueError(f"attention width {dim_out} is not a multiple of head dim {head_dim}")
         self.num_heads = dim_out // head_dim
         self.grid = grid
+        # Fixed when built (the worker builds on its device): no device query inside compiled code.
+        self.kernels = attention_order(backend)
         self.qkv = Linear(dim_in, 3 * dim_out)
         self.proj = Linear(dim_out, dim_out)
         h, w = grid
@@ -248,7 +322,7 @@ class RelativeAttention(nn.Module):
         b, n, _ = x.shape
         q, k, v = self.qkv(x).view(b, n, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4)
         bias = self.relative_bias().to(q.dtype).unsqueeze(0).expand(b, -1, -1, -1)
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
+        y = attention(q, k, v, bias, self.kernels)
         return self.proj(y.transpose(1, 2).reshape(b, n, -1))
 
 
@@ -259,12 +333,13 @@ class TransformerBlock(nn.Module):
     x <- proj(pool(x)) + attn(pool(LN(x))).
     """
 
-    def __init__(self, dim_in: int, dim_out: int, stride: int, head_dim: int, grid: tuple[int, int], drop_path: float):
+    def __init__(self, dim_in: int, dim_out: int, stride: int, head_dim: int, grid: tuple[int, int], drop_path: float,
+                 attention_backend: str = "auto"):
         super().__init__()
         self.stride = stride
         self.shortcut = Linear(dim_in, dim_out) if (stride != 1 or dim_in != dim_out) else None
         self.norm1 = nn.LayerNorm(dim_in)
-        self.attn = RelativeAttention(dim_in, dim_out, head_dim, grid)
+        self.attn = RelativeAttention(dim_in, dim_out, head_dim, grid, attention_backend)
         self.norm2 = nn.LayerNorm(dim_out)
         self.mlp = nn.Sequential(Linear(dim_out, 4 * dim_out), nn.GELU(), Linear(4 * dim_out, dim_out))
         self.drop_path = StochasticDepth(drop_path, "row")
@@ -308,6 +383,7 @@ class CoAtNet(nn.Module):
         drop_path_rate: float = 0.0,
         checkpointing: Checkpointing = Checkpointing(),
         channels_last: bool = False,
+        attention_backend: str = "auto",
     ):
         super().__init__()
         if image_size % 32:
@@ -338,7 +414,7 @@ class CoAtNet(nn.Module):
                     blocks.append(MBConv(dim, stage.dim, stride, rate))
                 else:
                     grid = (resolution, resolution)
-                    blocks.append(TransformerBlock(dim, stage.dim, stride, spec.head_dim, grid, rate))
+                    blocks.append(TransformerBlock(dim, stage.dim, stride, spec.head_dim, grid, rate, attention_backend))
                 dim = stage.dim
                 block_index += 1
             self.stages.append(blocks)
@@ -380,13 +456,14 @@ def create_model(
     drop_path_rate: float = 0.0,
     checkpointing: Checkpointing | None = None,
     channels_last: bool = False,
+    attention_backend: str = "auto",
 ) -> CoAtNet:
     """Build a registered CoAtNet. Use `with torch.device("meta"):` to build without memory."""
     problem = unknown_model(name)
     if problem:
         raise ValueError(f"model.name {name!r}: {problem}")
     return CoAtNet(MODEL_SPECS[name], num_classes, image_size, drop_path_rate, checkpointing or Checkpointing(),
-                   channels_last)
+                   channels_last, attention_backend)
 
 
 def list_models() -> list[str]:
