@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import math
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -286,7 +287,9 @@ def probe_attention(backend: str, device: torch.device, dtype: torch.dtype, head
     q, k, v = (torch.randn(1, 2, tokens, head_dim, device=device, dtype=dtype, requires_grad=True) for _ in range(3))
     bias = torch.zeros(1, 2, tokens, tokens, device=device, dtype=dtype, requires_grad=True)
     try:
-        return kernel_that_ran(attention(q, k, v, bias, kernels))
+        with warnings.catch_warnings():  # torch warns why each refusing kernel refused; the error below says it
+            warnings.simplefilter("ignore")
+            return kernel_that_ran(attention(q, k, v, bias, kernels))
     except RuntimeError as e:
         raise ValueError(f"model.attention_backend={backend}: no {'/'.join(kernels)} kernel takes this attention on "
                          f"{device.type} in {dtype} (an additive position bias that needs its gradient, head dim "
