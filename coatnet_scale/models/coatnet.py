@@ -256,7 +256,7 @@ def attention_order(backend: str, device: torch.device | None = None) -> tuple[s
             raise ValueError(f"unknown attention backend {backend!r}; one of auto, {', '.join(KERNELS)}")
         return (backend,)
     on_cuda = device.type == "cuda" if device is not None else torch.cuda.is_available()
-    if on_cuda:
+    if on_cuda and MEASURED_AUTO:  # asking the capability starts CUDA: only when there is something to look up
         major, minor = torch.cuda.get_device_capability(device)
         measured = MEASURED_AUTO.get(f"sm{major}{minor}")
         if measured:
