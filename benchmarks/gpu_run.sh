@@ -13,7 +13,8 @@
 #      table with `python benchmarks/gpu_results.py table FILE --write docs/benchmarks.md`.
 # Usage: GIT_COMMIT=$(git rev-parse HEAD) OUT=/path bash benchmarks/gpu_run.sh [--dry-run]
 # A host with PyTorch but not this project's stack: `make wheelhouse` here, carry wheelhouse/;
-# this installs it (--no-index, into /tmp/site) before anything runs.
+# this installs it (--no-index, into /tmp/site) before anything runs. WHEELS=dir: another folder
+# of wheels (one that also holds Ray, for the headline).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-$PWD/gpu-out}
@@ -24,8 +25,10 @@ DRY=0
 mkdir -p "$OUT"
 run() { echo "+ $*"; [ "$DRY" = 1 ] || "$@"; }
 
-if compgen -G "wheelhouse/*.whl" > /dev/null; then
-  run "$PY" -m pip install -q --no-index --no-deps --target /tmp/site wheelhouse/*.whl
+WHEELS=${WHEELS:-wheelhouse}
+if compgen -G "$WHEELS/*.whl" > /dev/null; then
+  run "$PY" -m pip install -q --no-index --no-deps --target /tmp/site "$WHEELS"/*.whl
+  export PATH="/tmp/site/bin:$PATH"  # ray's command, when the wheels hold it
   export PYTHONPATH="/tmp/site:$PWD${PYTHONPATH:+:$PYTHONPATH}"
 fi
 export DS_BUILD_OPS=0

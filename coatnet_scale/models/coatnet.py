@@ -15,6 +15,7 @@ import contextlib
 import difflib
 import functools
 import math
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -256,7 +257,7 @@ def attention_order(backend: str, device: torch.device | None = None) -> tuple[s
             raise ValueError(f"unknown attention backend {backend!r}; one of auto, {', '.join(KERNELS)}")
         return (backend,)
     on_cuda = device.type == "cuda" if device is not None else torch.cuda.is_available()
-    if on_cuda:
+    if on_cuda and MEASURED_AUTO:  # asking the capability starts CUDA: only when there is something to look up
         major, minor = torch.cuda.get_device_capability(device)
         measured = MEASURED_AUTO.get(f"sm{major}{minor}")
         if measured:
@@ -287,7 +288,9 @@ def probe_attention(backend: str, device: torch.device, dtype: torch.dtype, head
     q, k, v = (torch.randn(1, 2, tokens, head_dim, device=device, dtype=dtype, requires_grad=True) for _ in range(3))
     bias = torch.zeros(1, 2, tokens, tokens, device=device, dtype=dtype, requires_grad=True)
     try:
-        return kernel_that_ran(attention(q, k, v, bias, kernels))
+        with warnings.catch_warnings():  # torch warns why each refusing kernel refused; the error below says it
+            warnings.simplefilter("ignore")
+            return kernel_that_ran(attention(q, k, v, bias, kernels))
     except RuntimeError as e:
         raise ValueError(f"model.attention_backend={backend}: no {'/'.join(kernels)} kernel takes this attention on "
                          f"{device.type} in {dtype} (an additive position bias that needs its gradient, head dim "
