@@ -21,7 +21,8 @@ from fsspec.implementations.local import LocalFileSystem
 # The demo corpus's one folder on a host, which every process there finds whatever its working
 # directory: a job under `ray job submit --working-dir .` runs in Ray's copy of the checkout,
 # which leaves out what git ignores (data/), and without it in the folder `ray start` ran in.
-DEMO_DIR = os.path.join(os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "coatnet_scale", "demo")
+DEMO_DIR = os.environ.get("COATNET_SCALE_DEMO_DIR") or os.path.join(
+    os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "coatnet_scale", "demo")
 
 
 def options_for(url: str, options: dict) -> dict:
