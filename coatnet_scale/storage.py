@@ -21,7 +21,8 @@ from fsspec.implementations.local import LocalFileSystem
 # The demo corpus's one folder on a host, which every process there finds whatever its working
 # directory: a job under `ray job submit --working-dir .` runs in Ray's copy of the checkout,
 # which leaves out what git ignores (data/), and without it in the folder `ray start` ran in.
-DEMO_DIR = os.path.join(os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "coatnet_scale", "demo")
+DEMO_DIR = os.environ.get("COATNET_SCALE_DEMO_DIR") or os.path.join(
+    os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "coatnet_scale", "demo")
 
 
 def options_for(url: str, options: dict) -> dict:
@@ -47,11 +48,19 @@ def storage_options(storage) -> dict:
     return options
 
 
+# Error codes of a store that is busy or briefly failing (botocore retries the same ones).
+THROTTLED = {"SlowDown", "Throttling", "ThrottlingException", "RequestLimitExceeded", "TooManyRequestsException",
+             "RequestTimeout", "ServiceUnavailable", "InternalError"}
+
+
 def transient(error: BaseException) -> bool:
     """Whether a storage error (or what caused it) is one that goes away by itself: S3
     throttling, a 5xx, a dropped or timed-out connection. A 4xx or a missing key is not."""
-    from botocore.exceptions import ClientError, ConnectionError as BotoConnectionError, HTTPClientError
-
+    try:
+        from botocore.exceptions import ClientError, ConnectionError as BotoConnectionError, HTTPClientError
+        dropped = (BotoConnectionError, HTTPClientError, ConnectionError, TimeoutError)
+    except ImportError:  # a host without the S3 client (docs/engine.md) has no S3 errors
+        ClientError, dropped = (), (ConnectionError, TimeoutError)
     seen = set()
     while error is not None and id(error) not in seen:
         seen.add(id(error))
@@ -60,14 +69,10 @@ def transient(error: BaseException) -> bool:
             status = response.get("ResponseMetadata", {}).get("HTTPStatusCode") or 0
             if status >= 500 or response.get("Error", {}).get("Code") in THROTTLED:
                 return True
-        if isinstance(error, (BotoConnectionError, HTTPClientError, ConnectionError, TimeoutError)):
+        if isinstance(error, dropped):
             return True
         error = error.__cause__ or error.__context__
     return False
-
-
-THROTTLED = {"SlowDown", "Throttling", "ThrottlingException", "RequestLimitExceeded", "TooManyRequestsException",
-             "RequestTimeout", "ServiceUnavailable", "InternalError"}
 
 
 class _RetryLines(logging.Filter):
@@ -80,7 +85,7 @@ class _RetryLines(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
         if record.levelno > logging.DEBUG:
             return True
-        if not record.getMessage().startswith(self.LINES[record.name]):
+        if not str(record.msg).startswith(self.LINES[record.name]):  # unformatted: cheap for the lines dropped
             return False
         record.msg, record.args = f"storage: S3 request retried: {record.getMessage()}", ()
         record.levelno, record.levelname = logging.WARNING, "WARNING"

@@ -22,6 +22,9 @@ DEMO = REPO / "data" / "demo"
 # whose include paths differ, so each venv's run rebuilds over the other's. One build folder per
 # venv (inherited by the subprocesses, torchrun ranks and Ray workers the tests start).
 os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(Path(sys.prefix) / "torch_extensions"))
+# The embedded default's demo corpus (~/.cache/coatnet_scale/demo for a user) is this checkout's
+# data/demo for the tests and every process they start, Ray's workers included.
+os.environ["COATNET_SCALE_DEMO_DIR"] = str(DEMO)
 
 
 @pytest.fixture

@@ -96,7 +96,8 @@ def cluster(tmp_path_factory):
     # (which cache it) are told of; job entrypoints run this venv's `python`. The host's cache
     # folder (where the demo corpus lives) is this module's own.
     with ray_client_environment():
-        cluster = RayCluster({**os.environ, "XDG_CACHE_HOME": str(tmp_path_factory.mktemp("cache"))})
+        env = {k: v for k, v in os.environ.items() if k != "COATNET_SCALE_DEMO_DIR"}  # the user's default
+        cluster = RayCluster({**env, "XDG_CACHE_HOME": str(tmp_path_factory.mktemp("cache"))})
         try:
             yield cluster
         finally:

@@ -198,7 +198,9 @@ import sys, time
 from coatnet_scale.engine.watchdog import Watchdog
 run, endpoint, rank, hang = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4] == "hang"
 watchdog = Watchdog(run, {"endpoint_url": endpoint}, "job", rank)
-if hang:  # a rank of the killed attempt: its step never ends, so it dumps and exits
+if hang:  # a rank of the killed attempt: once all are up, its step never ends, so it dumps and exits
+    print("ready", flush=True)
+    sys.stdin.readline()
     watchdog.arm(0.5)
     time.sleep(60)
 watchdog.close()
@@ -219,10 +221,13 @@ def test_two_ranks_on_a_node_upload_each_leftover_dump_once(s3_endpoint, s3_buck
 
     def ranks(how: str, count: int) -> list[subprocess.Popen]:
         return [subprocess.Popen([sys.executable, "-c", RANK, run, proxy.endpoint, str(r), how], env=env,
-                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for r in range(count)]
+                                 stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                for r in range(count)]
 
-    for rank in ranks("hang", 3):
-        rank.communicate(timeout=60)
+    killed = ranks("hang", 3)
+    assert [rank.stdout.readline() for rank in killed] == ["ready\n"] * 3  # none found another's dump
+    for rank in killed:
+        rank.communicate("\n", timeout=60)
         assert rank.returncode == 1
     folder = next(tmp_path.glob("coatnet_scale_diagnostics/*"))
     dumps = sorted(p.name for p in folder.iterdir())
