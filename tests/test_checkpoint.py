@@ -317,13 +317,13 @@ def test_one_ranks_upload_error_drops_the_save_on_every_rank(s3_endpoint, s3_buc
 
 
 def test_a_rollback_waits_for_a_stalled_upload_only_so_long(s3_endpoint, s3_bucket, monkeypatch):
-    """The rollback's discard of a save whose upload to S3 stalls (slowupload: 4 s after its
+    """The rollback's discard of a save whose upload to S3 stalls (slowupload: 2 s after its
     first file) returns after its bound, and the upload stores no further file."""
     import time
 
     from coatnet_scale.engine.faults import Faults
 
-    monkeypatch.setenv("COATNET_SCALE_FAULT", "slowupload@step=2,seconds=4")
+    monkeypatch.setenv("COATNET_SCALE_FAULT", "slowupload@step=2,seconds=2")
     url, options = f"s3://{s3_bucket}/run", {"endpoint_url": s3_endpoint}
     checkpoints = Checkpoints(f"{url}/checkpoints", options, keep=1, rank=0, world_size=1, async_upload=True,
                               faults=Faults(url, options, 0))
@@ -333,7 +333,7 @@ def test_a_rollback_waits_for_a_stalled_upload_only_so_long(s3_endpoint, s3_buck
     started = time.monotonic()
     checkpoints.discard(timeout_s=0.5)
     assert time.monotonic() - started < 2 and checkpoints.pending is None
-    time.sleep(5)  # the pause ends: nothing more is stored
+    time.sleep(2.5)  # the pause ends: nothing more is stored
     stored = [p.rsplit("/", 1)[-1] for p in checkpoints.fs.ls(f"{checkpoints.root}/{tag_for(2)}", refresh=True)]
     assert stored == ["trainer_state_rank0.pt"]  # the first of its two files only
 

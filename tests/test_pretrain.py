@@ -75,12 +75,13 @@ def scrape(url: str) -> str:
 
 
 @pytest.mark.slow
-def test_resume_after_a_signal_is_bit_identical(demo_corpus, tmp_path, s3_endpoint, s3_bucket):
+def test_resume_after_a_signal_is_bit_identical(demo_corpus, tmp_path, s3_endpoint, s3_bucket, unused_tcp_port):
     """44 steps straight == SIGTERM to torchrun in a window of skipped steps (38-40), the
     checkpoint the ranks saved at the first step after it (41; exit code 75), the same command
     again: the same losses, weights and EMA to the last bit, with stochastic depth on (RNG
-    states) and checkpointing mid-epoch (loader position). Two ranks under ZeRO-3 through the
-    loop's torchrun launcher. The straight run saves synchronously to a local folder; the
+    states) and checkpointing mid-epoch (loader position). Two ranks under ZeRO-3: the signalled
+    run as `srun` starts them (one process per rank, each signalled, each exit code seen), the
+    others under torchrun. The straight run saves synchronously to a local folder; the
     signalled one to S3 with background upload, where rank 1's upload of step 20 fails for real
     (the bucket it writes to does not exist): the save is dropped on both ranks, named and
     counted, training goes on, and the signal's save completes."""
@@ -102,10 +103,15 @@ def test_resume_after_a_signal_is_bit_identical(demo_corpus, tmp_path, s3_endpoi
         return [*torchrun, *(f"--set={o}" for o in settings)]
 
     fs = s3fs.S3FileSystem(endpoint_url=s3_endpoint, skip_instance_cache=True)
-    env = {**os.environ, "COATNET_SCALE_FAULT": faults["resumed"]}
+    env = {**os.environ, "COATNET_SCALE_FAULT": faults["resumed"], "MASTER_ADDR": "127.0.0.1",
+           "MASTER_PORT": str(unused_tcp_port), "WORLD_SIZE": "2"}
+    ranks = [sys.executable, *command("resumed")[2:]]  # python -m coatnet_scale.pretrain ..., without torchrun
     # The signalled run first, alone on the cores, so the straight run's time is not in its window.
-    with subprocess.Popen(command("resumed"), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                          cwd=REPO, env=env) as process:
+    with open(tmp_path / "rank1.log", "w") as rank1_log, \
+            subprocess.Popen(ranks, stdout=rank1_log, stderr=subprocess.STDOUT, cwd=REPO,
+                             env={**env, "RANK": "1", "LOCAL_RANK": "1"}) as peer, \
+            subprocess.Popen(ranks, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=REPO,
+                             env={**env, "RANK": "0", "LOCAL_RANK": "0"}) as process:
         output, counted = "", ""
         for line in process.stdout:
             output += line
@@ -118,10 +124,12 @@ def test_resume_after_a_signal_is_bit_identical(demo_corpus, tmp_path, s3_endpoi
                         break
                     time.sleep(0.25)
             if line.startswith("step 38 skipped"):  # the signal lands while steps 39-40 are skipped
-                process.send_signal(signal.SIGTERM)
+                for rank in (process, peer):  # as srun passes it to every task
+                    rank.send_signal(signal.SIGTERM)
                 break
         output += process.stdout.read()
         process.wait(timeout=120)
+        peer.wait(timeout=120)
     # Step 20's save: dropped on every rank, named, counted; no file, no marker.
     assert ("checkpoint step 20 dropped on every rank (no marker; its files removed): rank 1: FileNotFoundError: "
             "The specified bucket does not exist; 1 save(s) in a row failed") in output, output[-3000:]
@@ -136,9 +144,8 @@ def test_resume_after_a_signal_is_bit_identical(demo_corpus, tmp_path, s3_endpoi
     marker = json.loads(fs.cat_file(f"{s3_bucket}/runs/resumed/checkpoints/step_{step:09d}/COMPLETE.json"))
     assert marker["step"] == step and marker["signal"] == "SIGTERM"
     assert "checkpoint step 20 staged" in output and "uploading to" in output  # in the background
-    # Every rank exited 75 (torchrun lists each child's code, and itself exits 1).
     assert "stopped on SIGTERM at step 41" in output and "(exit code 75)" in output, output[-3000:]
-    assert re.search(r"exitcode\s*:\s*75", output) and process.returncode == 1, output[-3000:]
+    assert process.returncode == peer.returncode == 75, (process.returncode, peer.returncode)
     for run in ("resumed", "straight"):
         result = subprocess.run(command(run), capture_output=True, text=True, cwd=REPO, timeout=600,
                                 env={**os.environ, "COATNET_SCALE_FAULT": faults[run]})
@@ -177,8 +184,10 @@ def test_a_repeated_error_stops_after_one_retry(demo_corpus, tmp_path):
                          "train.total_steps=5", "monitoring.enabled=false"),
         capture_output=True, text=True, cwd=REPO, timeout=600,
     )
-    assert result.returncode == 1, result.stdout[-3000:] + result.stderr[-3000:]
+    assert result.returncode == 78, result.stdout[-3000:] + result.stderr[-3000:]  # do not requeue
     message = next(line for line in result.stderr.splitlines() if line.startswith("pretrain: tiny stopped:"))
+    assert message.endswith("a rerun refuses to start until run once with --set train.override_stop=true "
+                            "(exit code 78)"), message
     assert message.startswith("pretrain: tiny stopped: the same error ended the last 2 attempts, both started from "
                               "the beginning on 2 workers on 1 node(s)"), message
     assert "FileNotFoundError" in message and "No such file or directory" in message and ".tar" in message
