@@ -289,7 +289,9 @@ def test_a_rollback_then_a_resize_skips_the_samples_it_lists(manifest, tmp_path)
         return health(rank, records).skip(loader, group, 1, *place)
 
     with collectives.audit(torch.device("cpu")), pytest.raises(Rollback):
-        health(0, []).agree(4, math.nan, None, True, 0, 4, 0.1)
+        first = health(0, [])
+        agreed = first.agree(4, math.nan, None, True, 0, 4, 0.1)
+        first.roll_back(agreed.step, agreed.trouble)
     two = [StreamingLoader(spec(manifest, 2, 0), rank, 2) for rank in range(2)]
     seen = [key for loader in two for _, batch in zip(range(2), loader.epoch(0)) for key in batch["keys"]]
     records = read_rollbacks(run, {})  # each attempt reads them once, at its start
