@@ -53,10 +53,12 @@ def parquet_files(source: str, storage_options: dict) -> list[str] | None:
 
 
 def _open(url: str, storage_options: dict):
+    """Without pre-buffering: pyarrow 26 then reads all the row groups asked for at once (the
+    whole file, in iter_batches), where a small read buffer keeps one at a time in memory."""
     import pyarrow.parquet as pq
 
     fs, path = url_to_fs(url, storage_options)
-    return pq.ParquetFile(fs.open(path, "rb"))
+    return pq.ParquetFile(fs.open(path, "rb"), pre_buffer=False, buffer_size=2**20)
 
 
 def hf_class_names(schema, label_column: str) -> list[str] | None:
