@@ -37,6 +37,7 @@ bench: $(VENV)/.installed
 	$(PY) benchmarks/monitoring_overhead.py
 	$(PY) benchmarks/read_amplification.py
 	$(PY) benchmarks/listing_memory.py
+	$(PY) benchmarks/parquet_memory.py
 	$(PY) benchmarks/reshard_cost.py
 	$(PY) benchmarks/checkpoint_stall.py
 

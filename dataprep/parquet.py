@@ -31,7 +31,8 @@ from dataclasses import asdict, dataclass
 from coatnet_scale.storage import url_to_fs
 from dataprep import prep
 from dataprep.images import Rejected, keep_image
-from dataprep.shards import ShardWriter, offsets_name, publish_bytes, publish_file, remove_stale_temporaries, shard_name, staging_directory
+from dataprep.shards import (ShardWriter, offsets_name, publish_bytes, publish_file, remove_stale_temporaries, shard_name,
+                             staging_directory)
 from coatnet_scale.shard_format import encode_offsets
 from dataprep.sources import SourceError
 
@@ -126,7 +127,8 @@ def _label(value, task: ParquetTask, label_of: dict) -> tuple[int, str]:
         raise Rejected("no label", f"{task.label_column} is {value}")
     if task.names is not None:
         if not isinstance(value, int) or not 0 <= value < len(task.names):
-            raise Rejected("unknown class", f"{task.label_column} {value!r} is not a class index below {len(task.names)}")
+            raise Rejected("unknown class",
+                           f"{task.label_column} {value!r} is not a class index below {len(task.names)}")
         value = task.names[value]
     name = str(value)
     if name not in label_of:
@@ -204,7 +206,8 @@ def write_parquet_shard(task: ParquetTask) -> dict:
     return {"index": task.index, "shard": shard, "rejected": rejected, "inputs": task.end - task.start}
 
 
-def class_list(files: list[ParquetFileInfo], options, label_column: str, storage_options: dict, pool) -> tuple[list[str], tuple | None]:
+def class_list(files: list[ParquetFileInfo], options, label_column: str, storage_options: dict,
+               pool) -> tuple[list[str], tuple | None]:
     """(the dataset's classes, the ClassLabel names labels index into, if any)."""
     named = {f.names for f in files}
     if len(named) > 1:

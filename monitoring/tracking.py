@@ -159,7 +159,7 @@ class Tracker:
         self._written = False
         self._clock = time.monotonic()
         self._wait = self._window_wait = self._window_seconds = 0.0
-        self._images = self._window_images = 0
+        self._images = self._window_images = self._window_steps = 0
 
     def _each(self, what: str, *args) -> None:
         for sink in list(self.sinks):
@@ -190,6 +190,7 @@ class Tracker:
         self._clock = now
         self._window_wait += self._wait
         self._window_images += self._images
+        self._window_steps += 1
         self._wait, self._images = 0.0, 0
         self.step_number, self.epoch = step, epoch
         self.latest.update({"train/loss": loss, "train/lr": lr, "train/epoch": epoch})
@@ -200,13 +201,14 @@ class Tracker:
         if self._window_seconds > 0:
             rate = self._window_images / self._window_seconds
             self.latest.update({"perf/images_per_second": rate * self.world_size,
+                                "perf/step_seconds": self._window_seconds / self._window_steps,
                                 "perf/data_wait_fraction": self._window_wait / self._window_seconds})
             if self.flops_per_image and self.peak_flops:
                 self.latest["perf/mfu"] = rate * self.flops_per_image / self.peak_flops
                 self.latest["perf/hfu"] = self.latest["perf/mfu"] * self.recompute_factor
         self.latest["health/skipped_steps"] = self.skipped_steps
         self._write()
-        self._window_images, self._window_seconds, self._window_wait = 0, 0.0, 0.0
+        self._window_images, self._window_seconds, self._window_wait, self._window_steps = 0, 0.0, 0.0, 0
 
     def _write(self) -> None:
         figures = {k: float(v) for k, v in self.latest.items()}

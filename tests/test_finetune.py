@@ -231,23 +231,23 @@ def test_tracking_sinks_hold_one_history_through_restarts_and_a_rollback(pretrai
     assert tensorboard_scalars(board, "health/rollbacks")[-1][1] == 1
     assert tensorboard_scalars(board, "eval/top1")[-1] == (150, pytest.approx(metrics["final"]["val_top1"], abs=1e-6))
     assert tensorboard_scalars(board, "checkpoint/step")[-1] == (150, 150)
-    assert {"train/lr", "train/grad_norm", "perf/images_per_second", "perf/mfu", "perf/data_wait_fraction",
-            "checkpoint/blocked_seconds", "checkpoint/upload_seconds", "health/skipped_steps"} <= \
-        {tag for tag in tracked_tags(board)}
+    assert {"train/lr", "train/grad_norm", "perf/images_per_second", "perf/step_seconds", "perf/mfu",
+            "perf/data_wait_fraction", "checkpoint/blocked_seconds", "checkpoint/upload_seconds",
+            "health/skipped_steps"} <= set(tracked_tags(board))
     notes = [text for _, text in tensorboard_texts(board, "events")]
     assert "rolled back: training again from the checkpoint of step 50" in notes
     assert "resumed from the checkpoint of step 100" in notes
     # W&B: one run id (kept in the run folder), one offline run per worker group, and its step
     # only grows across them (W&B drops a point whose step goes back), with the train step as
-    # a metric: it goes back where the run went back.
+    # a metric: it repeats where the run went back.
     state = json.loads((storage / "job" / "monitoring" / "tracking.json").read_text())
     assert len(wandb_files(storage / "wandb", state["wandb_id"])) == 3
     history = wandb_history(storage / "wandb", state["wandb_id"])
     steps = [row["_step"] for row in history]
     assert steps == sorted(set(steps)) and steps[-1] == state["wandb_step"]
     trained = [row["train/step"] for row in history if "train/loss" in row]
-    assert {20, 40, 60, 80, 100, 120, 140, 150} <= set(trained) and trained[-1] == 150
-    assert any(later < earlier for earlier, later in zip(trained, trained[1:])), trained
+    assert sorted(set(trained)) == [20, 40, 60, 80, 100, 120, 140, 150] and trained[-1] == 150, trained
+    assert trained.count(60) >= 2, trained  # logged before the NaN at 75, and again after the rollback to 50
     assert max(row.get("health/rollbacks", 0) for row in history) == 1
     assert history[-1]["eval/top1"] == pytest.approx(metrics["final"]["val_top1"])
 

@@ -527,6 +527,7 @@ def test_shipped_configs_are_valid_and_consistent():
 # -- tracking sinks: TensorBoard, W&B (offline) -------------------------------------------------
 
 
+@pytest.mark.slow
 def test_tracking_sinks_continue_through_a_rollback_and_a_restart(tmp_path):
     """Rank 0's tracker, as the engine starts it (engine/tracking.py), fed the loop's calls: steps
     1-10, a rollback to 6, steps 7-12, then new processes resuming at step 10 through 14; each
@@ -599,3 +600,24 @@ def test_a_sink_asked_for_but_not_installed_is_one_line_at_validation(monkeypatc
         assert message.startswith(f"--set {key}: monitoring.{field}: needs the {package} package: pip install "
                                   f"'coatnet_scale[{package}]'") and "\n" not in message, message
         monkeypatch.delitem(sys.modules, package)
+
+
+def test_tensorboard_to_object_storage(s3_bucket, tmp_path):
+    """monitoring.tensorboard as an S3 URL: the event files are written locally and copied up at
+    each log line; TensorBoard reads them from a copy of the bucket's folder."""
+    import s3fs
+    from tracked import tensorboard_scalars
+
+    from coatnet_scale.config import Config
+    from coatnet_scale.engine.tracking import start_tracker
+
+    config = Config(run_name="r", storage={"url": str(tmp_path / "runs")},
+                    monitoring={"tensorboard": f"s3://{s3_bucket}/boards"})
+    tracker = start_tracker(config, 0, 1, 0)
+    for step in range(1, 5):
+        tracker.step(step, 0, 1.0 / step, 1e-3)
+        tracker.log()
+    fs = s3fs.S3FileSystem(skip_instance_cache=True)
+    fs.get(f"{s3_bucket}/boards/r/", str(tmp_path / "copy"), recursive=True)  # before close: copied as it goes
+    assert [step for step, _ in tensorboard_scalars(tmp_path / "copy", "train/loss")] == [1, 2, 3, 4]
+    tracker.close()
