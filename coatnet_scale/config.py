@@ -210,6 +210,13 @@ class WandbConfig(Section):
     entity: str | None = None
     dir: str | None = Field(None, description="W&B's local folder (default: $WANDB_DIR, else ./wandb on rank 0's node)")
 
+    @field_validator("dir")
+    @classmethod
+    def _absolute(cls, folder: str | None) -> str | None:
+        if folder is not None and not Path(folder).is_absolute():
+            raise ValueError("must be an absolute path (Ray workers run in another directory)")
+        return folder
+
 
 def _installed(package: str, extra: str) -> None:
     from monitoring.tracking import SinkMissing, require

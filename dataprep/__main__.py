@@ -165,6 +165,10 @@ def main(argv: list[str] | None = None) -> int:
     except SourceError as e:
         print(f"dataprep: error: {e}", file=sys.stderr)
         return 2
+    if parquet and args.labels:
+        print("dataprep: error: --labels is for folders and tars of images; parquet labels come from a column "
+              "(--label-column)", file=sys.stderr)
+        return 2
     max_side = args.max_side if args.max_side is not None else 0 if parquet else ImageOptions.max_side
     options = PrepOptions(
         split=args.split, samples_per_shard=args.samples_per_shard, shard_bytes=shard_bytes, seed=args.seed,

@@ -98,7 +98,8 @@ def _wandb(config: Config, step: int, run: str, options: dict, links: dict, note
     def save_step(at: int) -> None:  # before the point goes out, so a crash cannot reuse its step
         write_atomic(fs, path, json.dumps({**state, "wandb_step": at}).encode())
 
-    save_step(state.get("wandb_step", -1))  # the id is in the run folder before W&B has seen it
+    if "wandb_step" not in state:  # the id is in the run folder before W&B has seen it
+        write_atomic(fs, path, json.dumps(state).encode())
     return WandbSink(w.project, w.mode, state["wandb_id"], config.run_name, step, state.get("wandb_step"), save_step,
                      entity=w.entity, folder=w.dir, notes=note,
                      config={"run_name": config.run_name, "model": config.model.name, **links})
