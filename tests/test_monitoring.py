@@ -527,7 +527,6 @@ def test_shipped_configs_are_valid_and_consistent():
 # -- tracking sinks: TensorBoard, W&B (offline) -------------------------------------------------
 
 
-@pytest.mark.slow
 def test_tracking_sinks_continue_through_a_rollback_and_a_restart(tmp_path):
     """Rank 0's tracker, as the engine starts it (engine/tracking.py), fed the loop's calls: steps
     1-10, a rollback to 6, steps 7-12, then new processes resuming at step 10 through 14; each
