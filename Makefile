@@ -9,7 +9,7 @@ PY := $(VENV)/bin/python
 $(VENV)/.installed: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -c constraints.txt -e '.[dev,bench]'
+	$(PY) -m pip install --quiet -c constraints.txt -e '.[dev,bench,tensorboard,wandb]'
 	touch $@
 
 constraints: $(VENV)/.installed
@@ -37,6 +37,7 @@ bench: $(VENV)/.installed
 	$(PY) benchmarks/monitoring_overhead.py
 	$(PY) benchmarks/read_amplification.py
 	$(PY) benchmarks/listing_memory.py
+	$(PY) benchmarks/parquet_memory.py
 	$(PY) benchmarks/reshard_cost.py
 	$(PY) benchmarks/checkpoint_stall.py
 

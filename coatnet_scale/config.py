@@ -212,8 +212,34 @@ class StorageConfig(Section):
                                               "5xx or a dropped connection, with exponential backoff (docs/checkpoints.md)")
 
 
+class WandbConfig(Section):
+    """A Weights & Biases run per run_name; credentials come from W&B's own login or WANDB_API_KEY."""
+
+    project: str
+    mode: Literal["online", "offline"] = "online"
+    entity: str | None = None
+    dir: str | None = Field(None, description="W&B's local folder (default: $WANDB_DIR, else ./wandb on rank 0's node)")
+
+    @field_validator("dir")
+    @classmethod
+    def _absolute(cls, folder: str | None) -> str | None:
+        if folder is not None and not Path(folder).is_absolute():
+            raise ValueError("must be an absolute path (Ray workers run in another directory)")
+        return folder
+
+
+def _installed(package: str, extra: str) -> None:
+    from monitoring.tracking import SinkMissing, require
+
+    try:
+        require(package, extra)
+    except SinkMissing as e:
+        raise ValueError(str(e)) from None
+
+
 class MonitoringConfig(Section):
-    """Prometheus metrics: every training worker serves /metrics (docs/monitoring.md)."""
+    """Prometheus metrics: every training worker serves /metrics; rank 0 also writes TensorBoard
+    and W&B when asked (docs/monitoring.md)."""
 
     enabled: bool = True
     address: str = Field("127.0.0.1", description="interface the exporters bind; node: each node's Ray address (workers on "
@@ -224,6 +250,24 @@ class MonitoringConfig(Section):
     linger_seconds: float = Field(0.0, ge=0, description="keep serving /metrics this long after training, so the final values get scraped")
     straggler_every_steps: int = Field(100, ge=1, description="rank 0 compares the ranks' compute time every this many steps")
     straggler_ratio: float = Field(1.2, gt=1.0, description="log a rank whose compute time is this many times the median")
+    tensorboard: str | None = Field(None, description="folder or URL for TensorBoard event files, one sub-folder per run_name")
+    wandb: WandbConfig | None = Field(None, description="{project, mode: online|offline, entity, dir}: a W&B run per run_name")
+
+    @field_validator("tensorboard")
+    @classmethod
+    def _tensorboard_installed(cls, folder: str | None) -> str | None:
+        if folder is not None:
+            _installed("tensorboard", "tensorboard")
+            if "://" not in folder and not Path(folder).is_absolute():
+                raise ValueError("must be an absolute path or a URL (Ray workers run in another directory)")
+        return folder
+
+    @field_validator("wandb")
+    @classmethod
+    def _wandb_installed(cls, wandb: WandbConfig | None) -> WandbConfig | None:
+        if wandb is not None:
+            _installed("wandb", "wandb")
+        return wandb
 
     @field_validator("targets_dir")
     @classmethod

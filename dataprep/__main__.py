@@ -13,6 +13,7 @@ import sys
 
 from dataprep.images import ImageOptions
 from dataprep.index import IndexOptions, index_shards
+from dataprep.parquet import parquet_files, prepare_parquet
 from dataprep.prep import PrepError, PrepOptions, prepare
 from dataprep.shards import verify_dataset
 from dataprep.sources import SourceError
@@ -54,7 +55,8 @@ def prep_parser() -> argparse.ArgumentParser:
         "Run `python -m dataprep verify DEST` to check a finished dataset, and `python -m dataprep index --help` "
         "to index webdataset shards you already have instead.",
     )
-    p.add_argument("source", metavar="SOURCE", help="ImageFolder tree, tar of per-class tars, or folder/tar of images with --labels")
+    p.add_argument("source", metavar="SOURCE", help="ImageFolder tree, tar of per-class tars, folder/tar of images with "
+                   "--labels, or parquet files (a file, a glob such as 'data/train-*.parquet', or a folder of them)")
     p.add_argument("dest", metavar="DEST", help="output folder or fsspec URL (s3://bucket/prefix, gs://...)")
     p.add_argument("--labels", help="CSV (path,label) or JSONL labels file for a folder or tar of images")
     p.add_argument("--classes", help="class order from a manifest.json (e.g. the train split's) or a text file")
@@ -62,11 +64,15 @@ def prep_parser() -> argparse.ArgumentParser:
     p.add_argument("--samples-per-shard", type=int, help="close a shard after this many samples")
     p.add_argument("--shard-bytes", type=parse_size, help="close a shard before it passes this size (default 256MiB)")
     p.add_argument("--workers", type=int, default=os.cpu_count(), help="worker processes (default: all cores)")
-    p.add_argument("--max-side", type=int, default=ImageOptions.max_side, help="resize so the shorter side is at most this; 0 keeps sizes (default: %(default)s)")
+    p.add_argument("--max-side", type=int, help=f"resize so the shorter side is at most this; 0 keeps sizes (default: "
+                   f"{ImageOptions.max_side}; 0 for parquet, whose images are stored as they are)")
     p.add_argument("--min-side", type=int, default=ImageOptions.min_side, help="reject images whose shorter side is below this (default: %(default)s)")
     p.add_argument("--max-pixels", type=int, default=ImageOptions.max_pixels, help="reject larger images unread, as decompression bombs (default: %(default)s)")
     p.add_argument("--quality", type=int, default=ImageOptions.quality, help="JPEG quality of re-encoded images (default: %(default)s)")
     p.add_argument("--seed", type=int, default=0, help="shuffle seed (default: 0)")
+    p.add_argument("--label-column", default="label", help="parquet: the label column (default: %(default)s)")
+    p.add_argument("--image-column", default="image", help="parquet: the image column, a struct {bytes, path} or "
+                   "binary (default: %(default)s)")
     p.add_argument(
         "--ray", nargs="?", const="", metavar="ADDRESS",
         help="spread shards over a Ray cluster's CPUs: ADDRESS, else $RAY_ADDRESS, else a local Ray; "
@@ -156,10 +162,21 @@ def main(argv: list[str] | None = None) -> int:
     shard_bytes = args.shard_bytes
     if shard_bytes is None and args.samples_per_shard is None:
         shard_bytes = PrepOptions.shard_bytes
+    storage_options = storage_options_from(args)
+    try:
+        parquet = parquet_files(args.source, storage_options)
+    except SourceError as e:
+        print(f"dataprep: error: {e}", file=sys.stderr)
+        return 2
+    if parquet and args.labels:
+        print("dataprep: error: --labels is for folders and tars of images; parquet labels come from a column "
+              "(--label-column)", file=sys.stderr)
+        return 2
+    max_side = args.max_side if args.max_side is not None else 0 if parquet else ImageOptions.max_side
     options = PrepOptions(
         split=args.split, samples_per_shard=args.samples_per_shard, shard_bytes=shard_bytes, seed=args.seed,
         labels=args.labels, classes=args.classes,
-        image=ImageOptions(max_side=args.max_side, min_side=args.min_side, quality=args.quality, max_pixels=args.max_pixels),
+        image=ImageOptions(max_side=max_side, min_side=args.min_side, quality=args.quality, max_pixels=args.max_pixels),
     )
     metrics = None
     if args.metrics_port is not None:
@@ -167,8 +184,12 @@ def main(argv: list[str] | None = None) -> int:
 
         metrics = DataprepMetrics(args.split, args.metrics_address, args.metrics_port)
     try:
-        prepare(args.source, args.dest, options, args.workers, args.ray, storage_options_from(args),
-                observe=metrics.observe if metrics else None)
+        if parquet:
+            prepare_parquet(args.source, parquet, args.dest, options, args.workers, args.ray, storage_options,
+                            args.image_column, args.label_column, observe=metrics.observe if metrics else None)
+        else:
+            prepare(args.source, args.dest, options, args.workers, args.ray, storage_options,
+                    observe=metrics.observe if metrics else None)
     except (PrepError, SourceError) as e:
         print(f"dataprep: error: {e}", file=sys.stderr)
         return 2

@@ -2,7 +2,8 @@
 
 Runs in the worker processes. A JPEG that is already RGB, upright and within the size limits
 passes through byte for byte, after a cheap 1/8-scale decode that proves it is complete.
-Everything else is decoded (JPEGs at a reduced DCT scale when shrinking), EXIF-rotated,
+`keep_image` (parquet inputs) keeps any JPEG, PNG or WebP as it is, once it decodes, unless it
+must shrink. Everything else is decoded (JPEGs at a reduced DCT scale when shrinking), EXIF-rotated,
 converted to RGB, resized so the shorter side is at most `max_side`, and re-encoded.
 """
 from __future__ import annotations
@@ -103,3 +104,31 @@ def convert_image(data: bytes, options: ImageOptions) -> tuple[bytes, int, int]:
     out = io.BytesIO()
     img.save(out, "JPEG", quality=options.quality)
     return out.getvalue(), width, height
+
+
+KEPT_FORMATS = {"JPEG": "jpg", "PNG": "png", "WEBP": "webp"}  # what the training loader decodes
+
+
+def keep_image(data: bytes, options: ImageOptions) -> tuple[bytes, str, int, int]:
+    """(bytes, extension, width, height): the input itself when it is a JPEG, PNG or WebP that
+    decodes and needs no resize (a JPEG is proven complete by a 1/8-scale decode), else
+    `convert_image`'s JPEG. Raises Rejected as convert_image does."""
+    if not data:
+        raise Rejected("empty file")
+    try:
+        img = Image.open(io.BytesIO(data))
+    except UnidentifiedImageError:
+        raise Rejected("not an image") from None
+    except Exception as e:
+        raise Rejected("undecodable", f"{type(e).__name__}: {e}") from None
+    width, height = img.size
+    if img.format not in KEPT_FORMATS or _target_size(width, height, options.max_side) != (width, height) or \
+            width * height > options.max_pixels or min(width, height) < options.min_side:
+        return (*convert_image(data, options)[:1], "jpg", width, height)
+    try:
+        if img.format == "JPEG":
+            img.draft(img.mode, (max(1, width // 8), max(1, height // 8)))
+        img.load()
+    except Exception as e:
+        raise Rejected("undecodable", f"{type(e).__name__}: {e}") from None
+    return data, KEPT_FORMATS[img.format], width, height

@@ -406,8 +406,15 @@ def prepare(
         if progress is not None:
             progress.close()
 
-    records = [records[k] for k in range(planned)]
-    rejected = [asdict(r) for r in source_rejections] + [r for record in records for r in record["rejected"]]
+    return finish(fs, root, dest, source, options, classes, [records[k] for k in range(planned)],
+                  [asdict(r) for r in source_rejections], total_inputs, fingerprint, progress, log)
+
+
+def finish(fs, root: str, dest: str, source: str, options, classes: list[str], records: list[dict],
+           source_rejections: list[dict], total_inputs: int, fingerprint: str, progress: Progress, log) -> dict:
+    """Every shard is written: check the accounting, publish rejected.jsonl and then the
+    manifest (the dataset's completion mark), and drop the progress records."""
+    rejected = source_rejections + [r for record in records for r in record["rejected"]]
     shards = [record["shard"] for record in records if record["shard"] is not None]
     total_samples = sum(shard["samples"] for shard in shards)
     if total_samples + len(rejected) != total_inputs:  # the accounting must close
@@ -425,7 +432,7 @@ def prepare(
         "options": asdict(options),
         "fingerprint": fingerprint,
     }
-    publish_bytes(fs, manifest_path, json.dumps(manifest, indent=1, sort_keys=True).encode())
+    publish_bytes(fs, f"{root}/manifest.json", json.dumps(manifest, indent=1, sort_keys=True).encode())
     fs.rm(f"{root}/_progress", recursive=True)
     elapsed = time.monotonic() - progress.start
     reasons = ", ".join(f"{reason}: {count}" for reason, count in manifest["rejected"].items())

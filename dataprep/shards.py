@@ -45,10 +45,10 @@ class ShardWriter:
         info.uname = info.gname = ""
         self._tar.addfile(info, io.BytesIO(data))
 
-    def add(self, key: str, jpeg: bytes, label: int, meta: dict) -> None:
+    def add(self, key: str, image: bytes, label: int, meta: dict, ext: str = "jpg") -> None:
         self.offsets.append(self._tar.offset)
         self._add(f"{key}.cls", str(label).encode())
-        self._add(f"{key}.jpg", jpeg)
+        self._add(f"{key}.{ext}", image)
         self._add(f"{key}.json", json.dumps(meta, sort_keys=True, separators=(",", ":")).encode())
         self.samples += 1
 

@@ -95,8 +95,16 @@ def sync_targets(url: str, local: Path) -> set[str]:
     return names
 
 
+def shipped_files() -> str:
+    """Where the dashboards and alert rules are read from: the package, installed or checked out."""
+    dashboards = sorted(p.name for p in (HERE / "grafana").glob("*.json"))
+    alerts = HERE / "alerts.yml"
+    return (f"dashboards: {HERE / 'grafana'}: {', '.join(dashboards) or 'none found'}\n"
+            f"alert rules: {alerts}{'' if alerts.exists() else ' (missing)'}")
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m monitoring.cluster", description=__doc__,
+    parser = argparse.ArgumentParser(prog="python -m monitoring.cluster", description=__doc__, epilog=shipped_files(),
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--targets", required=True, help="the runs' target lists: monitoring.targets_dir, "
                                                          "by default {storage.url}/prometheus")
@@ -113,7 +121,7 @@ def main(argv: list[str] | None = None) -> int:
     if prometheus is None:
         parser.error("no prometheus on PATH (launch/Dockerfile installs one; Debian/Ubuntu: apt install prometheus)")
     if not list((HERE / "grafana").glob("*.json")):  # an installed package without them: run from the checkout
-        parser.error(f"no dashboard in {HERE / 'grafana'}: run it from the checkout (cd coatnet_scale; python -m monitoring.cluster ...)")
+        parser.error(f"no dashboard in {HERE / 'grafana'}: this install lacks the package data (pip install the wheel)")
     folder = args.dir.expanduser().resolve()
     (folder / "targets").mkdir(parents=True, exist_ok=True)
     try:

@@ -81,6 +81,23 @@ def demo_corpus():
     return DEMO
 
 
+@pytest.fixture(scope="session")
+def hub_parquet(demo_corpus, tmp_path_factory):
+    """The demo digits as the Hugging Face Hub lays out an image dataset (data/train-0000K-of-
+    00002.parquet, data/validation-00000-of-00001.parquet), written by pyarrow alone with three
+    bad rows, then sharded by `python -m dataprep` from the parquet files. Returns (the shards'
+    folder with train/ and val/, the parquet folder, the bad rows as (path suffix, reason))."""
+    from corpus import digits_as_hub_parquet
+
+    root = tmp_path_factory.mktemp("hub")
+    bad = digits_as_hub_parquet(demo_corpus / "raw", root / "data")
+    for split, files in (("train", "train-*.parquet"), ("val", "validation-*.parquet")):
+        subprocess.run([sys.executable, "-m", "dataprep", str(root / "data" / files), str(root / "shards" / split),
+                        "--split", split, "--samples-per-shard", "64", "--workers", "2"],
+                       check=True, capture_output=True, timeout=300)
+    return root / "shards", root / "data", bad
+
+
 RAY = str(Path(sys.executable).parent / "ray")
 # Every port of a node explicit, so nothing collides with another Ray on the machine.
 NODE_PORTS = ("--dashboard-agent-listen-port", "--dashboard-agent-grpc-port", "--metrics-export-port",

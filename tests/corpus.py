@@ -83,3 +83,52 @@ def _save_rotated(pixels: np.ndarray, path: str) -> None:
     exif = Image.Exif()
     exif[0x0112] = 6
     Image.fromarray(pixels).save(path, "JPEG", quality=90, exif=exif)
+
+
+DIGIT_NAMES = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
+
+
+def hf_schema_metadata(names: list[str] | None) -> dict:
+    """The `huggingface` key of a Hub parquet file's schema metadata: the dataset's features."""
+    import json
+
+    label = {"names": names, "_type": "ClassLabel"} if names else {"dtype": "string", "_type": "Value"}
+    return {"huggingface": json.dumps({"info": {"features": {"image": {"_type": "Image"}, "label": label}}})}
+
+
+def write_parquet(path, rows: list[tuple], names: list[str] | None = None, row_group_size: int = 128) -> None:
+    """Rows (image bytes or None, original path, label or None) as the Hub lays them out: image
+    a struct {bytes, path}, label an int64 ClassLabel index (with `names`) or a string; written
+    by pyarrow alone, not by dataprep."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    image = pa.struct([("bytes", pa.binary()), ("path", pa.string())])
+    label = pa.int64() if names else pa.string()
+    table = pa.table({"image": pa.array([None if b is None and p is None else {"bytes": b, "path": p}
+                                         for b, p, _ in rows], image),
+                      "label": pa.array([lab for _, _, lab in rows], label)})
+    table = table.replace_schema_metadata(hf_schema_metadata(names))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pq.write_table(table, path, row_group_size=row_group_size)
+
+
+def digits_as_hub_parquet(raw, dest, train_files: int = 2) -> list[dict]:
+    """The demo corpus's digit folders (raw/{train,val}/<digit>/*.jpg) as the Hub lays out an
+    image dataset: dest/train-0000K-of-0000N.parquet and dest/validation-00000-of-00001.parquet,
+    rows shuffled, class names from the features metadata. Three bad rows go into the first
+    train file; returns what dataprep must reject, as (path suffix, reason)."""
+    rng = np.random.default_rng(0)
+    bad = [(None, "lost.jpg", 3), (b"not an image at all", "garbled.jpg", 4)]
+    for split, files in (("train", train_files), ("validation", 1)):
+        folder = raw / ("train" if split == "train" else "val")
+        rows = [(p.read_bytes(), p.name, int(p.parent.name)) for p in sorted(folder.glob("*/*.jpg"))]
+        rows = [rows[i] for i in rng.permutation(len(rows))]
+        parts = [rows[k::files] for k in range(files)]
+        if split == "train":
+            parts[0] = bad + parts[0]
+            parts[0].insert(5, (parts[0][5][0], "unlabelled.jpg", None))
+        for k, part in enumerate(parts):
+            write_parquet(dest / f"{split}-{k:05d}-of-{files:05d}.parquet", part, DIGIT_NAMES)
+    first = f"train-00000-of-{train_files:05d}.parquet"
+    return [(f"{first}#row=0", "missing image"), (f"{first}#row=1", "not an image"), (f"{first}#row=5", "no label")]

@@ -356,3 +356,86 @@ def test_shuffle_order_matches_random_shuffle():
         expected = list(range(n))
         random.Random(5).shuffle(expected)
         assert shuffled_order(n, 5).tolist() == expected
+
+
+# -- parquet, as the Hugging Face Hub lays out image datasets ------------------------------------
+
+
+def test_hub_parquet_keeps_its_class_names_and_bytes_and_names_its_bad_rows(hub_parquet):
+    """conftest's hub_parquet: pyarrow wrote the files (image {bytes, path}, ClassLabel names in
+    the schema's features metadata), `python -m dataprep` sharded them."""
+    import pyarrow.parquet as pq
+
+    from corpus import DIGIT_NAMES
+
+    shards, parquet, bad = hub_parquet
+    train = json.loads((shards / "train" / "manifest.json").read_text())
+    rows = sum(pq.ParquetFile(p).metadata.num_rows for p in parquet.glob("train-*.parquet"))
+    assert train["classes"] == DIGIT_NAMES  # the metadata's names, not the column's values 0-9
+    assert (train["total_inputs"], train["total_samples"]) == (rows, rows - len(bad))
+    rejected = [json.loads(line) for line in (shards / "train" / "rejected.jsonl").read_text().splitlines()]
+    assert sorted((r["path"].rpartition("/")[2], r["reason"]) for r in rejected) == sorted(bad)
+    assert "lost.jpg" in next(r["detail"] for r in rejected if r["reason"] == "missing image")
+    # Every image is the parquet's bytes as they were, labelled as its row was.
+    table = pq.read_table(parquet / "train-00001-of-00002.parquet")
+    cells, labels = table.column("image").to_pylist(), table.column("label").to_pylist()
+    samples = read_samples([str(p) for p in sorted((shards / "train").glob("*.tar"))])
+    mine = {s["__key__"]: s for s in samples if s["__key__"].startswith("train-00001-of-00002-")}
+    assert len(mine) == len(cells)
+    for key, sample in mine.items():
+        row = int(key.rpartition("-")[2])
+        assert sample["jpg"] == cells[row]["bytes"] and int(sample["cls"]) == labels[row]
+        assert json.loads(sample["json"])["source"].endswith(f"train-00001-of-00002.parquet#row={row}")
+    val = json.loads((shards / "val" / "manifest.json").read_text())
+    assert val["classes"] == DIGIT_NAMES and val["total_samples"] == 359 and val["rejected"] == {}
+    assert dataprep("verify", shards / "train").returncode == 0
+
+
+def test_parquet_without_features_takes_the_labels_found_and_resizes_only_when_asked(tmp_path):
+    """No Hugging Face metadata: the classes are the label column's distinct values; PNGs stay
+    PNGs unless --max-side asks for smaller; a missing column is named with the file."""
+    from corpus import write_parquet
+
+    rng = np.random.default_rng(1)
+    png = io.BytesIO()
+    Image.fromarray(photo(rng, 96, 64)).save(png, "PNG")
+    rows = [(png.getvalue(), f"{i}.png", ["tulip", "rose", "iris"][i % 3]) for i in range(9)]
+    write_parquet(tmp_path / "flowers.parquet", rows, row_group_size=4)
+    kept = dataprep(tmp_path / "flowers.parquet", tmp_path / "kept", "--workers", 1)
+    assert "9 rows in 1 parquet file(s), 3 classes" in kept.stdout + kept.stderr
+    manifest = json.loads((tmp_path / "kept" / "manifest.json").read_text())
+    assert manifest["classes"] == ["iris", "rose", "tulip"] and manifest["total_samples"] == 9
+    samples = read_samples([str(p) for p in sorted((tmp_path / "kept").glob("*.tar"))])
+    assert all(s["png"] == png.getvalue() for s in samples)
+    dataprep(tmp_path / "flowers.parquet", tmp_path / "small", "--workers", 1, "--max-side", 32, "--min-side", 8)
+    samples = read_samples([str(p) for p in sorted((tmp_path / "small").glob("*.tar"))])
+    assert len(samples) == 9 and all(Image.open(io.BytesIO(s["jpg"])).size == (48, 32) for s in samples)
+    wrong = dataprep(tmp_path / "flowers.parquet", tmp_path / "wrong", "--label-column", "species", check=False)
+    assert wrong.returncode == 2
+    assert re.search(r"flowers.parquet: no column species; it has image, label \(--image-column, --label-column\)",
+                     wrong.stderr), wrong.stderr
+
+
+def test_parquet_from_s3_by_glob(hub_parquet, s3_bucket, tmp_path):
+    """An object-storage URL with a glob, read in place: the same samples as from local disk."""
+    import s3fs
+
+    shards, parquet, _ = hub_parquet
+    fs = s3fs.S3FileSystem(skip_instance_cache=True)
+    for path in parquet.glob("train-*.parquet"):
+        fs.put_file(str(path), f"{s3_bucket}/imagenet-like/data/{path.name}")
+    dataprep(f"s3://{s3_bucket}/imagenet-like/data/train-*.parquet", tmp_path / "out", "--split", "train",
+             "--samples-per-shard", 64, "--workers", 2)
+    mine = read_samples([str(p) for p in sorted((tmp_path / "out").glob("*.tar"))])
+    local = read_samples([str(p) for p in sorted((shards / "train").glob("*.tar"))])
+    assert [(s["__key__"], s["jpg"], s["cls"]) for s in mine] == [(s["__key__"], s["jpg"], s["cls"]) for s in local]
+    assert json.loads(mine[0]["json"])["source"].startswith(f"s3://{s3_bucket}/imagenet-like/data/train-0000")
+
+
+@pytest.mark.slow
+def test_parquet_under_ray_gives_identical_output(hub_parquet, tmp_path):
+    shards, parquet, _ = hub_parquet
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    dataprep(parquet / "train-*.parquet", tmp_path / "train", "--split", "train", "--samples-per-shard", 64,
+             "--workers", 2, "--ray", env=env, timeout=300)
+    assert read_tree(tmp_path / "train") == read_tree(shards / "train")

@@ -1,6 +1,6 @@
 """Pretraining on a real Ray cluster (`ray start`, `ray job submit`, a worker killed mid-run, another
-frozen later),
-then the hand-off: launch/handoff.py fine-tunes its newest complete checkpoint at twice the
+frozen later), on the demo digits as the Hugging Face Hub lays out parquet (sharded by dataprep),
+with TensorBoard and W&B (offline) on, then the hand-off: launch/handoff.py fine-tunes its newest complete checkpoint at twice the
 resolution with a new classifier, launch/submit.py fine-tunes it on 1 worker, and the
 evaluate command scores the results."""
 import json
@@ -15,6 +15,8 @@ from pathlib import Path
 
 import pytest
 from conftest import REPO, RayCluster, ray_client_environment
+from tracked import (raw_tensorboard_steps, tensorboard_scalars, tensorboard_texts, wandb_config, wandb_files,
+                     wandb_history)
 
 sys.path.insert(0, str(REPO / "launch"))
 TINY, TINY_FT = REPO / "configs" / "tiny.yaml", REPO / "configs" / "tiny_ft.yaml"
@@ -34,6 +36,12 @@ def read_metrics(run: Path) -> dict:
 
 def data_overrides(corpus: Path) -> list[str]:
     return [f"data.train_manifest={corpus}/train/manifest.json", f"data.val_manifest={corpus}/val/manifest.json"]
+
+
+def sink_overrides(storage: Path) -> list[str]:
+    """TensorBoard and W&B, offline: nothing is sent anywhere."""
+    return [f"monitoring.tensorboard={storage}/tensorboard", "monitoring.wandb.project=coatnet-tests",
+            "monitoring.wandb.mode=offline", f"monitoring.wandb.dir={storage}/wandb"]
 
 
 def evaluate(checkpoint: Path, corpus: Path, *args: str) -> dict:
@@ -105,10 +113,11 @@ def cluster(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def pretrained(cluster, demo_corpus, tmp_path_factory):
-    """The quick start's corpus build (`python -m dataprep demo`), then configs/tiny.yaml on its
-    embedded demo corpus in bf16, as GPUs run it, submitted with `ray job submit --working-dir .`
-    from the checkout (the job runs in Ray's copy of it, which has no data/); one training
+def pretrained(cluster, hub_parquet, tmp_path_factory):
+    """The quick start's corpus build (`python -m dataprep demo`, which the fine-tuning test's job
+    finds through the embedded default), then configs/tiny.yaml in bf16, as GPUs run it, on the
+    digits from Hub-style parquet (conftest's hub_parquet), TensorBoard and W&B (offline) on,
+    submitted with `ray job submit --working-dir .` from the checkout; one training
     worker is SIGKILLed once the step-50 checkpoint is complete; rank 0's loss is NaN at step 75
     (COATNET_SCALE_FAULT), rolled back to step 50; rank 1 freezes itself (SIGSTOP) at step 110,
     which rank 0's watchdog (train.hang_timeout_s 15) ends; rank 1 computes 1 s longer per step
@@ -118,7 +127,8 @@ def pretrained(cluster, demo_corpus, tmp_path_factory):
                            timeout=300)
     assert built.returncode == 0, built.stderr[-2000:]
     assert re.findall(r"rejected (\S+) \d", built.stdout + built.stderr) == ["0;", "0;"]  # not "rejected 0 ;"
-    overrides = [f"storage.url={storage}", "run_name=job", "deepspeed.bf16=true",
+    overrides = [f"storage.url={storage}", *data_overrides(hub_parquet[0]), "run_name=job", "deepspeed.bf16=true",
+                 *sink_overrides(storage),
                  f"train.hang_timeout_s={HANG_TIMEOUT_S}", "monitoring.straggler_every_steps=10",
                  "monitoring.straggler_ratio=1.25"]
     # The driver hands it to the workers.
@@ -157,8 +167,9 @@ HANG_TIMEOUT_S = 15  # waited out once (the frozen rank); a tiny step takes well
 
 
 @pytest.mark.slow
-def test_ray_job_submit_trains_and_survives_a_killed_and_a_frozen_worker(pretrained, demo_corpus):
+def test_ray_job_submit_trains_and_survives_a_killed_and_a_frozen_worker(pretrained, hub_parquet):
     storage, logs = pretrained
+    corpus = hub_parquet[0]
     assert re.search(r"resumed from .*step_0000000(50|100): step (50|100)", logs), "the restarted group did not resume"
     held = re.search(r"ZeRO-3: rank 0 holds ([\d,]+) of ([\d,]+) parameters", logs)
     assert held and 0.45 < int(held[1].replace(",", "")) / int(held[2].replace(",", "")) < 0.55
@@ -192,7 +203,7 @@ def test_ray_job_submit_trains_and_survives_a_killed_and_a_frozen_worker(pretrai
         mine = [k for where, k in zip(skipped[::2], skipped[1::2]) if where == f"75:{rank}"]
         expected = []
         for span in record["skipped"]:
-            epoch = keys(f"{demo_corpus}/train/manifest.json", "--rank", str(rank), "--world-size", "2",
+            epoch = keys(f"{corpus}/train/manifest.json", "--rank", str(rank), "--world-size", "2",
                          "--num-workers", "1", "--batch-size", "32", "--epoch", str(span["epoch"]))
             expected += epoch[span["from_batch"] * 32:span["to_batch"] * 32]  # only a slot's last batch is short
         assert mine == expected and len(mine) > 24 * 32
@@ -202,7 +213,7 @@ def test_ray_job_submit_trains_and_survives_a_killed_and_a_frozen_worker(pretrai
     # The same command once the run has finished, on another world size (one process, not two):
     # it ends at once with the same report, converting nothing and evaluating nothing again.
     again = subprocess.run([sys.executable, "-m", "coatnet_scale.pretrain", "--config", str(TINY), "--without-ray",
-                            *(f"--set={o}" for o in [f"storage.url={storage}", *data_overrides(demo_corpus), "run_name=job",
+                            *(f"--set={o}" for o in [f"storage.url={storage}", *data_overrides(corpus), "run_name=job",
                                                      "deepspeed.bf16=true"])],
                            capture_output=True, text=True, timeout=300, cwd=REPO)
     assert again.returncode == 0, again.stderr[-3000:]
@@ -212,12 +223,57 @@ def test_ray_job_submit_trains_and_survives_a_killed_and_a_frozen_worker(pretrai
 
 
 @pytest.mark.slow
+def test_tracking_sinks_hold_one_history_through_restarts_and_a_rollback(pretrained):
+    """The run above, as TensorBoard and W&B (offline) saw it: three worker groups (a kill, a
+    freeze) and a rollback (steps 51-75 done again), each sink one continuous history."""
+    storage, logs = pretrained
+    assert "tracking: TensorBoard, W&B on rank 0" in logs
+    metrics = read_metrics(storage / "job")
+    board = storage / "tensorboard" / "job"
+    # TensorBoard: one run; the event files hold steps logged twice (an abandoned attempt's and
+    # the redone one's), and its reader, told by the purge steps, keeps each step once: the last.
+    written = raw_tensorboard_steps(board, "train/loss")
+    assert len(written) > len(set(written)), written
+    assert [step for step, _ in tensorboard_scalars(board, "train/loss")] == [20, 40, 60, 80, 100, 120, 140, 150]
+    assert tensorboard_scalars(board, "health/rollbacks")[-1][1] == 1
+    assert tensorboard_scalars(board, "eval/top1")[-1] == (150, pytest.approx(metrics["final"]["val_top1"], abs=1e-6))
+    assert tensorboard_scalars(board, "checkpoint/step")[-1] == (150, 150)
+    assert {"train/lr", "train/grad_norm", "perf/images_per_second", "perf/step_seconds", "perf/mfu",
+            "perf/data_wait_fraction", "checkpoint/blocked_seconds", "checkpoint/upload_seconds",
+            "health/skipped_steps"} <= set(tracked_tags(board))
+    notes = [text for _, text in tensorboard_texts(board, "events")]
+    assert "rolled back: training again from the checkpoint of step 50" in notes
+    assert "resumed from the checkpoint of step 100" in notes
+    # W&B: one run id (kept in the run folder), one offline run per worker group, and its step
+    # only grows across them (W&B drops a point whose step goes back), with the train step as
+    # a metric: it repeats where the run went back.
+    state = json.loads((storage / "job" / "monitoring" / "tracking.json").read_text())
+    assert len(wandb_files(storage / "wandb", state["wandb_id"])) == 3
+    history = wandb_history(storage / "wandb", state["wandb_id"])
+    steps = [row["_step"] for row in history]
+    assert steps == sorted(set(steps)) and steps[-1] == state["wandb_step"]
+    trained = [row["train/step"] for row in history if "train/loss" in row]
+    assert sorted(set(trained)) == [20, 40, 60, 80, 100, 120, 140, 150] and trained[-1] == 150, trained
+    assert trained.count(60) >= 2, trained  # logged before the NaN at 75, and again after the rollback to 50
+    assert max(row.get("health/rollbacks", 0) for row in history) == 1
+    assert history[-1]["eval/top1"] == pytest.approx(metrics["final"]["val_top1"])
+
+
+def tracked_tags(board: Path) -> list[str]:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(board))
+    events.Reload()
+    return events.Tags()["scalars"]
+
+
+@pytest.mark.slow
 def test_handoff_finetunes_at_twice_the_resolution(cluster, pretrained, demo_corpus):
     storage, _ = pretrained
     result = subprocess.run(
         [sys.executable, str(REPO / "launch" / "handoff.py"), str(storage / "job"), "--address", cluster.dashboard,
          "--configs", str(TINY_FT), "--set", f"storage.url={storage}", "--set", "run_name=ft64",
-         *[arg for o in data_overrides(demo_corpus) for arg in ("--set", o)]],
+         *[arg for o in [*data_overrides(demo_corpus), *sink_overrides(storage)] for arg in ("--set", o)]],
         capture_output=True, text=True, cwd=REPO, timeout=900,
     )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
@@ -237,17 +293,28 @@ def test_handoff_finetunes_at_twice_the_resolution(cluster, pretrained, demo_cor
     assert after["top1"] >= 0.80 and averaged["top1"] >= 0.80
     assert after["top1"] > before["top1"] + 0.1
 
+    # The fine-tuning run tracks as a run of its own, linked to its pretraining run.
+    pretraining = json.loads((storage / "job" / "monitoring" / "tracking.json").read_text())["wandb_id"]
+    mine = json.loads((storage / "ft64" / "monitoring" / "tracking.json").read_text())["wandb_id"]
+    assert mine != pretraining
+    config = wandb_config(storage / "wandb", mine)
+    assert (config["pretraining_wandb_id"], config["pretraining_run"]) == (pretraining, str(storage / "job"))
+    (source,) = tensorboard_texts(storage / "tensorboard" / "ft64", "source")
+    assert source[0] == 0 and f"(pretraining run job, W&B run {pretraining})" in source[1], source
+    assert tensorboard_scalars(storage / "tensorboard" / "ft64", "train/loss")[-1][0] == 50
+
 
 @pytest.mark.slow
 def test_finetune_on_one_worker_from_two(cluster, pretrained, demo_corpus):
     """The checkpoint was written by 2 workers; 1 worker starts from it (classifier kept, 32 px):
     three steps at a small learning rate keep the pretrained accuracy, which a fresh model
-    (10%) could not have."""
+    (10%) could not have. Its data is the embedded default, the demo corpus the quick start's
+    command built on the cluster's host; launch/submit.py ships the checkout as the working
+    directory, without data/ (issue 27, item 9)."""
     storage, _ = pretrained
     overrides = [f"storage.url={storage}", "run_name=ft1", "cluster.num_workers=1", "train.global_batch_size=32",
                  "train.micro_batch_size=32", "train.total_steps=3", "train.warmup_steps=0", "train.lr=1e-5",
-                 "train.min_lr=1e-5", "train.ema_decay=0", "model.image_size=32", "finetune.new_classifier=false",
-                 *data_overrides(demo_corpus)]
+                 "train.min_lr=1e-5", "train.ema_decay=0", "model.image_size=32", "finetune.new_classifier=false"]
     result = subprocess.run(
         [sys.executable, str(REPO / "launch" / "submit.py"), "--address", cluster.dashboard, "--submission-id", "ft1",
          "--", "finetune", "--config", str(TINY_FT), "--init", str(storage / "job"), *(f"--set={o}" for o in overrides)],

@@ -522,3 +522,101 @@ def test_shipped_configs_are_valid_and_consistent():
     assert all("127.0.0.1" in a for a in listen if a.startswith("--web.listen-address"))
     dashboard = json.loads(DASHBOARD.read_text())
     assert {v["name"] for v in dashboard["templating"]["list"]} >= {"run", "node"}
+
+
+# -- tracking sinks: TensorBoard, W&B (offline) -------------------------------------------------
+
+
+def test_tracking_sinks_continue_through_a_rollback_and_a_restart(tmp_path):
+    """Rank 0's tracker, as the engine starts it (engine/tracking.py), fed the loop's calls: steps
+    1-10, a rollback to 6, steps 7-12, then new processes resuming at step 10 through 14; each
+    sink reads back one history (the tools' own readers: tests/tracked.py)."""
+    from tracked import raw_tensorboard_steps, tensorboard_scalars, tensorboard_texts, wandb_files, wandb_history
+
+    from coatnet_scale.config import Config
+    from coatnet_scale.engine.tracking import Fanout, start_tracker
+    from coatnet_scale.engine.monitor import Unmonitored
+
+    config = Config(run_name="r", storage={"url": str(tmp_path / "runs")},
+                    monitoring={"tensorboard": str(tmp_path / "tb"), "wandb": {"project": "p", "mode": "offline",
+                                                                             "dir": str(tmp_path / "wb")}})
+
+    def train(tracker, steps, scale):
+        for step in steps:
+            tracker.batch(time.monotonic(), {"labels": [0] * 8})
+            tracker.step(step, 0, scale / step, 1e-3, 0.5)
+            if step % 2 == 0:
+                tracker.log()
+
+    tracker = start_tracker(config, 0, 2, 0, flops=1e9, peak=1e12)
+    assert start_tracker(config, 1, 2, 0) is None  # rank 0 only
+    train(tracker, range(1, 11), 1.0)
+    tracker.rolled_back(1, time.time())
+    tracker.resumed(6, 0)
+    train(tracker, range(7, 13), 2.0)
+    # a crash: no close; the process ends (W&B's service writes out what it was sent), and new
+    # processes resume from the checkpoint of step 10
+    next(sink for sink in tracker.sinks if sink.label == "W&B").run.finish()
+    tracker = Fanout(Unmonitored(), start_tracker(config, 0, 2, 10))
+    tracker.linger_seconds = 0  # the loop sets it on its monitor: the first one takes it
+    train(tracker, range(11, 15), 3.0)
+    tracker.evaluated({"top1": 0.5, "top5": 0.9, "samples": 10})
+    tracker.close()
+
+    board = tmp_path / "tb" / "r"
+    assert raw_tensorboard_steps(board, "train/loss") == [2, 4, 6, 8, 10, 8, 10, 12, 12, 14]
+    loss = tensorboard_scalars(board, "train/loss")
+    assert [(s, round(v, 4)) for s, v in loss] == [(2, 0.5), (4, 0.25), (6, 0.1667), (8, 0.25), (10, 0.2),
+                                                    (12, 0.25), (14, 0.2143)]
+    assert tensorboard_scalars(board, "eval/top1") == [(14, 0.5)]
+    assert tensorboard_scalars(board, "health/rollbacks") == [(8, 1.0)]
+    rates, mfu = (dict(tensorboard_scalars(board, f"perf/{name}")) for name in ("images_per_second", "mfu"))
+    assert sorted(mfu) == [2, 4, 6, 8, 10]  # the restart at 10 was told no FLOPs: no MFU past it
+    assert mfu[10] == pytest.approx(rates[10] / 2 * 1e9 / 1e12, rel=1e-5)  # rank 0's rate times 2 workers
+    assert [t for _, t in tensorboard_texts(board, "events")] == [
+        "rolled back: training again from the checkpoint of step 6", "resumed from the checkpoint of step 10"]
+
+    state = json.loads((tmp_path / "runs" / "r" / "monitoring" / "tracking.json").read_text())
+    assert wandb_files(tmp_path / "wb", state["wandb_id"])  # one offline run per process (per second), one id
+    history = wandb_history(tmp_path / "wb", state["wandb_id"])
+    steps = [row["_step"] for row in history]
+    assert steps == sorted(set(steps)) and steps[-1] == state["wandb_step"]
+    # The point of step 12 before the crash was still held (its step not over): lost with the process.
+    assert [row["train/step"] for row in history if "train/loss" in row] == [2, 4, 6, 8, 10, 8, 10, 12, 14]
+    assert [row["train/loss"] for row in history if "train/loss" in row][-1] == pytest.approx(3 / 14)
+    assert history[-1]["eval/top1"] == 0.5
+
+
+def test_a_sink_asked_for_but_not_installed_is_one_line_at_validation(monkeypatch):
+    from coatnet_scale.config import ConfigError, load_config
+
+    for package, key in (("tensorboard", "monitoring.tensorboard=/tmp/board"), ("wandb", "monitoring.wandb.project=p")):
+        monkeypatch.setitem(sys.modules, package, None)  # importlib finds no such package
+        with pytest.raises(ConfigError) as error:
+            load_config(str(REPO / "configs" / "tiny.yaml"), [key])
+        field = key.split(".")[1].split("=")[0]
+        message = str(error.value)
+        assert message.startswith(f"--set {key}: monitoring.{field}: needs the {package} package: pip install "
+                                  f"'coatnet_scale[{package}]'") and "\n" not in message, message
+        monkeypatch.delitem(sys.modules, package)
+
+
+def test_tensorboard_to_object_storage(s3_bucket, tmp_path):
+    """monitoring.tensorboard as an S3 URL: the event files are written locally and copied up at
+    each log line; TensorBoard reads them from a copy of the bucket's folder."""
+    import s3fs
+    from tracked import tensorboard_scalars
+
+    from coatnet_scale.config import Config
+    from coatnet_scale.engine.tracking import start_tracker
+
+    config = Config(run_name="r", storage={"url": str(tmp_path / "runs")},
+                    monitoring={"tensorboard": f"s3://{s3_bucket}/boards"})
+    tracker = start_tracker(config, 0, 1, 0)
+    for step in range(1, 5):
+        tracker.step(step, 0, 1.0 / step, 1e-3)
+        tracker.log()
+    fs = s3fs.S3FileSystem(skip_instance_cache=True)
+    fs.get(f"{s3_bucket}/boards/r/", str(tmp_path / "copy"), recursive=True)  # before close: copied as it goes
+    assert [step for step, _ in tensorboard_scalars(tmp_path / "copy", "train/loss")] == [1, 2, 3, 4]
+    tracker.close()

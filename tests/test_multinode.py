@@ -385,6 +385,15 @@ def test_wheel_ships_the_configs(tmp_path):
     )
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stdout.split() == [str(target / "coatnet_scale" / "configs" / "coatnet6.yaml"), "coatnet_6"]
+    # The monitoring files are package data: the installed monitoring.cluster finds its own.
+    result = subprocess.run([sys.executable, "-m", "monitoring.cluster", "--help"], capture_output=True, text=True,
+                            cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(target)}, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    shipped = target / "monitoring"
+    assert f"dashboards: {shipped / 'grafana'}: coatnet-pretraining.json" in result.stdout, result.stdout[-1000:]
+    assert f"alert rules: {shipped / 'alerts.yml'}\n" in result.stdout
+    assert (shipped / "grafana" / "coatnet-pretraining.json").is_file() and (shipped / "alerts.yml").is_file()
+    assert (shipped / "grafana" / "provisioning" / "dashboards" / "coatnet.yml").is_file()
 
 
 def test_dataprep_fails_fast_on_an_unreachable_cluster(tmp_path):

@@ -5,7 +5,8 @@ and a peak. Here the engine builds it from the config, serves it on the configur
 records worker-group starts in storage (restarts outlive the processes that count them) and
 publishes every rank's scrape target for Prometheus (file_sd), which rank 0 withdraws when the
 run ends. With monitoring off the loop gets `Unmonitored`, and the Prometheus client is never
-imported.
+imported. Rank 0 adds the TensorBoard and W&B sinks when configured (engine/tracking.py),
+with or without Prometheus.
 """
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ import socket
 import time
 
 from coatnet_scale.config import Config
+from coatnet_scale.engine.tracking import with_tracking
 from coatnet_scale.models import count_flops
 from coatnet_scale.storage import storage_options, url_to_fs, write_atomic
 
@@ -102,7 +104,7 @@ def start_training_monitor(config: Config, rank: int, world_size: int, device, s
     `auto` included); hardware FLOPs count that forward again, as the planner does."""
     m, model = config.monitoring, config.model
     if not m.enabled:
-        return Unmonitored()
+        return with_tracking(Unmonitored(), config, rank, world_size, step)
     import torch.distributed as dist
 
     from monitoring.exporter import advertised_host, serve
@@ -143,7 +145,7 @@ def start_training_monitor(config: Config, rank: int, world_size: int, device, s
     if rank == 0:
         _publish_targets(config, options, shared, monitor)
     monitor.restart_clock()  # the first step is timed from here, not from the setup above
-    return monitor
+    return with_tracking(monitor, config, rank, world_size, step)
 
 
 def _group_restarts(config: Config, options: dict, job_key: str) -> int:
