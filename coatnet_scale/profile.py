@@ -42,7 +42,7 @@ from torch.utils._pytree import tree_leaves
 
 from coatnet_scale.config import add_config_arguments, config_from_arguments
 from coatnet_scale.models import MODEL_SPECS, create_model
-from coatnet_scale.plan import configured_checkpointing, with_overrides
+from coatnet_scale.plan import with_overrides
 from coatnet_scale.plan_checkpointing import block_costs, stem_and_head_flops
 
 # bf16 dense peak (TFLOP/s) and memory bandwidth (GB/s) from the vendors' data sheets; the

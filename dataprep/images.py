@@ -63,16 +63,21 @@ def _target_size(width: int, height: int, max_side: int) -> tuple[int, int]:
     return max(max_side, round(width * scale)), max(max_side, round(height * scale))
 
 
-def convert_image(data: bytes, options: ImageOptions) -> tuple[bytes, int, int]:
-    """Return (jpeg_bytes, original_width, original_height), or raise Rejected."""
+def _open(data: bytes) -> Image.Image:
+    """The image's header read (pixels not yet decoded), or Rejected."""
     if not data:
         raise Rejected("empty file")
     try:
-        img = Image.open(io.BytesIO(data))
+        return Image.open(io.BytesIO(data))
     except UnidentifiedImageError:
         raise Rejected("not an image") from None
     except Exception as e:  # PIL raises many types on malformed headers
         raise Rejected("undecodable", f"{type(e).__name__}: {e}") from None
+
+
+def convert_image(data: bytes, options: ImageOptions) -> tuple[bytes, int, int]:
+    """Return (jpeg_bytes, original_width, original_height), or raise Rejected."""
+    img = _open(data)
     width, height = img.size
     if width * height > options.max_pixels:
         raise Rejected("decompression bomb", f"{width}x{height} pixels exceeds {options.max_pixels}")
@@ -113,14 +118,7 @@ def keep_image(data: bytes, options: ImageOptions) -> tuple[bytes, str, int, int
     """(bytes, extension, width, height): the input itself when it is a JPEG, PNG or WebP that
     decodes and needs no resize (a JPEG is proven complete by a 1/8-scale decode), else
     `convert_image`'s JPEG. Raises Rejected as convert_image does."""
-    if not data:
-        raise Rejected("empty file")
-    try:
-        img = Image.open(io.BytesIO(data))
-    except UnidentifiedImageError:
-        raise Rejected("not an image") from None
-    except Exception as e:
-        raise Rejected("undecodable", f"{type(e).__name__}: {e}") from None
+    img = _open(data)
     width, height = img.size
     if img.format not in KEPT_FORMATS or _target_size(width, height, options.max_side) != (width, height) or \
             width * height > options.max_pixels or min(width, height) < options.min_side:

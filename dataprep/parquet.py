@@ -31,9 +31,7 @@ from dataclasses import asdict, dataclass
 from coatnet_scale.storage import url_to_fs
 from dataprep import prep
 from dataprep.images import Rejected, keep_image
-from dataprep.shards import (ShardWriter, offsets_name, publish_bytes, publish_file, remove_stale_temporaries, shard_name,
-                             staging_directory)
-from coatnet_scale.shard_format import encode_offsets
+from dataprep.shards import ShardWriter, remove_stale_temporaries, shard_name, staging_directory
 from dataprep.sources import SourceError
 
 GLOB_CHARS = "*?["
@@ -191,15 +189,7 @@ def write_parquet_shard(task: ParquetTask) -> dict:
             if original:
                 meta["path"] = original
             writer.add(f"{stem}-{row:09d}", image, label, meta, ext)
-        shard = None
-        if writer.samples:
-            size, sha256 = writer.close()
-            offsets = offsets_name(task.name)
-            publish_bytes(fs, f"{root}/{offsets}", encode_offsets(writer.offsets))
-            publish_file(fs, writer.path, f"{root}/{task.name}")
-            shard = {"name": task.name, "samples": writer.samples, "bytes": size, "sha256": sha256, "offsets": offsets}
-        else:
-            writer.discard()
+        shard = prep.publish_shard(writer, fs, root, task.name)
     except BaseException:
         writer.discard()
         raise
@@ -277,13 +267,8 @@ def prepare_parquet(source: str, urls: list[str], dest: str, options, workers: i
         if observe is not None:
             observe({"shard": None, "rejected": []})
         progress = prep.Progress(total, total - sum(runs[k][2] - runs[k][1] for k in todo), len(todo))
-        for record in pool.imap_unordered(write_parquet_shard, tasks):
-            record["fingerprint"] = fingerprint
-            publish_bytes(fs, f"{root}/_progress/{record['index']:06d}.json", json.dumps(record).encode())
-            records[record["index"]] = record
-            progress.update(record.pop("inputs"), len(record["rejected"]))
-            if observe is not None:
-                observe(record)
+        prep.collect(pool.imap_unordered(write_parquet_shard, tasks), fs, root, fingerprint, records, progress,
+                     observe)
     finally:
         pool.terminate()
         if progress is not None:

@@ -133,19 +133,24 @@ def write_shard(task: ShardTask) -> dict:
                 continue
             meta = {"source": item.path, "class": item.class_name, "width": width, "height": height}
             writer.add(key, jpeg, label, meta)
-        shard = None
-        if writer.samples:
-            size, sha256 = writer.close()
-            offsets = offsets_name(task.name)
-            publish_bytes(fs, f"{root}/{offsets}", encode_offsets(writer.offsets))  # before its shard appears
-            publish_file(fs, writer.path, f"{root}/{task.name}")
-            shard = {"name": task.name, "samples": writer.samples, "bytes": size, "sha256": sha256, "offsets": offsets}
-        else:
-            writer.discard()
+        shard = publish_shard(writer, fs, root, task.name)
     except BaseException:
         writer.discard()
         raise
     return {"index": task.index, "shard": shard, "rejected": rejected, "inputs": len(task.inputs)}
+
+
+def publish_shard(writer: ShardWriter, fs, root: str, name: str) -> dict | None:
+    """Close a shard's tar and publish its offsets, then the tar (so no reader finds a shard
+    without its offsets); returns its manifest entry, or None for a shard left empty."""
+    if not writer.samples:
+        writer.discard()
+        return None
+    size, sha256 = writer.close()
+    offsets = offsets_name(name)
+    publish_bytes(fs, f"{root}/{offsets}", encode_offsets(writer.offsets))
+    publish_file(fs, writer.path, f"{root}/{name}")
+    return {"name": name, "samples": writer.samples, "bytes": size, "sha256": sha256, "offsets": offsets}
 
 
 def list_inner(task: tuple[int, str, int, int]) -> tuple:
@@ -394,13 +399,7 @@ def prepare(
             observe({"shard": None, "rejected": [asdict(r) for r in source_rejections]})
         remaining = sum(len(order[k * per_shard:(k + 1) * per_shard]) for k in todo)
         progress = Progress(len(listing), len(listing) - remaining, len(todo))
-        for record in pool.imap_unordered(write_shard, tasks):
-            record["fingerprint"] = fingerprint
-            publish_bytes(fs, f"{root}/_progress/{record['index']:06d}.json", json.dumps(record).encode())
-            records[record["index"]] = record
-            progress.update(record.pop("inputs"), len(record["rejected"]))
-            if observe is not None:
-                observe(record)
+        collect(pool.imap_unordered(write_shard, tasks), fs, root, fingerprint, records, progress, observe)
     finally:
         pool.terminate()
         if progress is not None:
@@ -408,6 +407,18 @@ def prepare(
 
     return finish(fs, root, dest, source, options, classes, [records[k] for k in range(planned)],
                   [asdict(r) for r in source_rejections], total_inputs, fingerprint, progress, log)
+
+
+def collect(written, fs, root: str, fingerprint: str, records: dict, progress: Progress, observe) -> None:
+    """Each shard's record as its worker finishes it: published under _progress/ (what a resumed
+    run skips), kept in `records` by shard index, counted, shown to `observe`."""
+    for record in written:
+        record["fingerprint"] = fingerprint
+        publish_bytes(fs, f"{root}/_progress/{record['index']:06d}.json", json.dumps(record).encode())
+        records[record["index"]] = record
+        progress.update(record.pop("inputs"), len(record["rejected"]))
+        if observe is not None:
+            observe(record)
 
 
 def finish(fs, root: str, dest: str, source: str, options, classes: list[str], records: list[dict],

@@ -60,6 +60,7 @@ import torch
 import torch.distributed as dist
 from fsspec.implementations.local import LocalFileSystem
 
+from coatnet_scale.engine.watchdog import process_alive
 from coatnet_scale.storage import file_sha256, url_to_fs, write_atomic
 
 MARKER = "COMPLETE.json"
@@ -577,20 +578,10 @@ def clean_stale_staging(folder: str | None = None) -> list[str]:
     removed = []
     for name in os.listdir(folder):
         pid = name[len(STAGING):].split("_pid", 1)[-1].split("_", 1)[0] if name.startswith(STAGING) else ""
-        if pid.isdigit() and not _alive(int(pid)):
+        if pid.isdigit() and not process_alive(int(pid)):
             shutil.rmtree(os.path.join(folder, name), ignore_errors=True)
             removed.append(name)
     return removed
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # another user's
-        return True
-    return True
 
 
 class CheckpointTampered(RuntimeError):

@@ -65,7 +65,8 @@ def gpu_worker_env(run_url: str) -> dict:
             "PYTORCH_CUDA_ALLOC_CONF": "expandable_segments:True"}
 
 
-def _alive(pid: int) -> bool:
+def process_alive(pid: int) -> bool:
+    """Whether process `pid` of this host still runs (another user's counts as running)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -97,7 +98,7 @@ class Watchdog:
             original = name
             if name.startswith(CLAIMED):
                 pid, _, original = name[len(CLAIMED):].partition("-")
-                if _alive(int(pid)):
+                if process_alive(int(pid)):
                     continue
             path, claim = os.path.join(folder, name), os.path.join(folder, f"{CLAIMED}{os.getpid()}-{original}")
             try:

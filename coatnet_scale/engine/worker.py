@@ -325,7 +325,7 @@ def train(config: Config, placement: Placement, report=None, preemption_info=Non
     ray.train.get_preemption_info under Ray."""
     # DeepSpeed calls torch.distributed APIs that warn on every collective.
     warnings.filterwarnings("ignore", category=FutureWarning, module=r"torch\.distributed")
-    rank, world_size = placement.rank, placement.world_size
+    rank = placement.rank
     options = storage_options(config.storage)
     watchdog = Watchdog(run_url(config), options, placement.job, rank)
     watchdog.arm(config.train.startup_timeout_s)
