@@ -219,6 +219,14 @@ def test_a_reclaimed_node_costs_no_step_and_the_group_goes_on_smaller(two_node_c
     assert final["step"] == 80
     # Ten classes (chance 10%); an uninterrupted run of these 80 steps scores 90%.
     assert final["val_top1"] > 0.85
+    # The module's next test finds two nodes again: the drained one gone (its `ray start` ended,
+    # Ray lists it dead), then a new one.
+    cluster.nodes[0].wait(timeout=60)
+    deadline = time.monotonic() + 60
+    while len(cluster.alive_nodes()) > 1:
+        assert time.monotonic() < deadline, "Ray still lists the drained node alive"
+        time.sleep(0.5)
+    cluster.add_node(num_cpus=2, node_ip="127.0.0.3")
 
 
 @pytest.mark.slow
@@ -231,8 +239,7 @@ def test_a_dead_node_shrinks_the_group_and_training_goes_on(two_node_cluster, de
     import s3fs
 
     cluster = two_node_cluster
-    if len(cluster.alive_nodes()) < 2:  # the reclaimed node of the test before
-        cluster.add_node(num_cpus=2, node_ip="127.0.0.3")
+    assert len(cluster.alive_nodes()) == 2  # an elastic group started on fewer would lose no worker below
     fs = s3fs.S3FileSystem(endpoint_url=os.environ["AWS_ENDPOINT_URL"], skip_instance_cache=True)
     run = f"{s3_bucket}/runs/dead"
     overrides = [f"storage.url=s3://{s3_bucket}/runs", "run_name=dead", "cluster.num_workers=2", "cluster.min_workers=1",
@@ -246,6 +253,8 @@ def test_a_dead_node_shrinks_the_group_and_training_goes_on(two_node_cluster, de
         assert not cluster.client.get_job_status(job).is_terminal() and time.monotonic() < deadline, \
             cluster.client.get_job_logs(job)[-4000:]
         time.sleep(0.5)
+    first = json.loads(fs.cat_file(f"{run}/checkpoints/step_000000020/COMPLETE.json"))
+    assert first["world_size"] == 2, "the group started without the second node's worker"
     raylet = subprocess.run(["pgrep", "-f", f"raylet.*{cluster.temp_dirs[-1]}"], capture_output=True, text=True).stdout.split()
     assert raylet, "the second node's raylet was not found"
     for pid in raylet:

@@ -193,10 +193,13 @@ def test_ray_job_submit_trains_and_survives_a_killed_and_a_frozen_worker(pretrai
     dumps = [p.read_text() for p in (storage / "job" / "diagnostics").glob("*/*-rank00000-*.txt")]
     assert any("most recent call first" in d and "worker.py" in d for d in dumps), dumps
     assert "diagnostics: 1 stack dump(s) of ranks whose step hung" in logs
-    # The NaN: one rollback, in the same worker group, the batches of steps 51-75 skipped.
+    # The NaN: one rollback, in the same worker group, the batches of steps 51-75 skipped, but
+    # never more than one epoch's (a rank's epoch here is 23 batches): the record says so.
     (record,) = [json.loads(p.read_text()) for p in (storage / "job" / "health").glob("rollback-*.json")]
-    assert (record["step"], record["checkpoint"], record["skip_steps"]) == (75, "step_000000050", 25)
-    assert sum(s["to_batch"] - s["from_batch"] for s in record["skipped"]) == 25
+    steps = record["skip_steps"]
+    assert (record["step"], record["checkpoint"]) == (75, "step_000000050")
+    assert steps == 25 or (steps < 25 and record["skip_steps_requested"] == 25), record
+    assert sum(s["to_batch"] - s["from_batch"] for s in record["skipped"]) == steps
     # ... and the keys CLI lists exactly those batches of each rank's epoch plan.
     skipped = keys("--skipped", str(storage / "job"))
     for rank in (0, 1):
@@ -206,7 +209,7 @@ def test_ray_job_submit_trains_and_survives_a_killed_and_a_frozen_worker(pretrai
             epoch = keys(f"{corpus}/train/manifest.json", "--rank", str(rank), "--world-size", "2",
                          "--num-workers", "1", "--batch-size", "32", "--epoch", str(span["epoch"]))
             expected += epoch[span["from_batch"] * 32:span["to_batch"] * 32]  # only a slot's last batch is short
-        assert mine == expected and len(mine) > 24 * 32
+        assert mine == expected and len(mine) > (steps - 1) * 32
     # The slow rank (the median of two ranks is their mean: (c + 1) / (c + 0.5) >= 1.25 for c <= 1.5 s).
     assert re.search(r"straggler: rank 1 \(node \w+\) compute [\d.]+ s vs median", logs)
     assert "straggler: rank 0" not in logs

@@ -61,6 +61,7 @@ EXPECTED = {
     "coatnet_checkpoint_upload_seconds": ("gauge", set()),
     "coatnet_checkpoint_uploads_in_flight": ("gauge", set()),
     "coatnet_preemption_notices_total": ("counter", set()),
+    "coatnet_checkpoint_failed_saves_total": ("counter", set()),
     "coatnet_checkpoint_last_step": ("gauge", set()),
     "coatnet_checkpoint_last_timestamp_seconds": ("gauge", set()),
     "coatnet_worker_group_restarts_total": ("counter", set()),
