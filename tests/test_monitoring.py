@@ -528,7 +528,19 @@ def test_shipped_configs_are_valid_and_consistent():
 # -- tracking sinks: TensorBoard, W&B (offline) -------------------------------------------------
 
 
-def test_tracking_sinks_continue_through_a_rollback_and_a_restart(tmp_path):
+@pytest.fixture
+def own_wandb_service():
+    """W&B's service, started in this process, is named in os.environ (WANDB_SERVICE): a Ray
+    cluster started later by this process would hand it to its workers, and a killed worker's run
+    would stay "in use" there. End it with the test."""
+    yield
+    import wandb
+
+    wandb.teardown()
+    os.environ.pop("WANDB_SERVICE", None)
+
+
+def test_tracking_sinks_continue_through_a_rollback_and_a_restart(tmp_path, own_wandb_service):
     """Rank 0's tracker, as the engine starts it (engine/tracking.py), fed the loop's calls: steps
     1-10, a rollback to 6, steps 7-12, then new processes resuming at step 10 through 14; each
     sink reads back one history (the tools' own readers: tests/tracked.py)."""
