@@ -64,10 +64,8 @@ class Agreed:
     loss: float  # the group's mean; nan when not finite on a rank
     images: int
     corrupt: int
-    skipped: bool  # DeepSpeed did not apply the step on the group: no checkpoint now
     trouble: str | None  # why the run rolls back (or stops, past train.max_rollbacks); None: healthy
     upload: str  # the save in flight: "none", "pending", "stored" (on every rank) or "failed" (on one at least)
-    failed_ranks: int  # ranks whose upload failed
     signalled: int  # ranks that caught a stop signal
 
 
@@ -141,12 +139,9 @@ class Health:
         if self.window >= self.monitoring.straggler_every_steps:
             self._stragglers(step)
         loss_mean = agreed[0] / self.world_size
-        skipped = bool(agreed[2] or agreed[3]) and not agreed[1]
-        verdict = Agreed(step, loss_mean if not agreed[1] else math.nan, int(agreed[5]), int(agreed[4]), skipped,
-                         self._judge(step, agreed, loss_mean),
-                         upload_outcome(int(agreed[6]), int(agreed[7]), upload != "none", self.world_size),
-                         int(agreed[7]), int(agreed[8]))
-        return verdict
+        return Agreed(step, loss_mean if not agreed[1] else math.nan, int(agreed[5]), int(agreed[4]),
+                      self._judge(step, agreed, loss_mean),
+                      upload_outcome(int(agreed[6]), int(agreed[7]), upload != "none", self.world_size), int(agreed[8]))
 
     def _judge(self, step: int, agreed: list[float], loss_mean: float) -> str | None:
         """Why this step calls for a rollback, or None; counts skipped steps and the loss window."""
