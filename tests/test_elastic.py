@@ -299,7 +299,7 @@ def test_a_notice_is_acted_on_once_per_node_and_a_short_deadline_is_named():
     took longer than the deadline leaves."""
     from ray.train import PreemptionInfo
 
-    from coatnet_scale.engine.interrupt import Notices
+    from coatnet_scale.engine.interrupt import Notices, drain_line
 
     asked, now_ms = [], int(time.time() * 1000)
     answers = {10: None, 20: PreemptionInfo(now_ms + 30_000, {"node-b": [1]}),
@@ -313,10 +313,10 @@ def test_a_notice_is_acted_on_once_per_node_and_a_short_deadline_is_named():
         found[step] = notices.new(step)
     assert asked == [10, 20, 30, 40] and [s for s, n in found.items() if n] == [20, 40]
     assert found[40] == {"notice_step": 40, "deadline_ms": now_ms + 5_000, "ranks": [1, 2, 3], "nodes": ["node-b", "node-c"]}
-    line = notices.describe(found[20], 20)
+    line = drain_line(notices.situation(found[20]), {"preemption": found[20]}, 20)  # the loop's line
     assert re.fullmatch(r"preemption: node\(s\) node-b \(ranks \[1\]\) reclaimed in (29|30)\.\d s: saving a checkpoint at step "
                         r"20, then training on until the node goes", line), line
     notices.last_save_s = 12.0
-    assert "warning: the last save took 12.0 s, longer than that" in notices.describe(found[40], 40)
-    assert "warning" not in notices.describe(found[20], 20)
+    assert "warning: the last save took 12.0 s, longer than that" in notices.situation(found[40])
+    assert "warning" not in notices.situation(found[20])
     assert Notices(None, 10).new(10) is None  # without Ray nothing is asked

@@ -78,10 +78,6 @@ class Notices:
         return {"notice_step": step, "deadline_ms": info.deadline_ms, "ranks": info.preempted_ranks,
                 "nodes": info.preempted_node_ids}
 
-    def describe(self, notice: dict, step: int) -> str:
-        """The log line of a notice saved for at `step`."""
-        return self.situation(notice) + f": saving a checkpoint at step {step}, then training on until the node goes"
-
     def situation(self, notice: dict) -> str:
         """The start of a notice's log line: who goes, when, and whether a save fits before."""
         text = f"preemption: node(s) {', '.join(notice['nodes'])} (ranks {notice['ranks']}) reclaimed"
@@ -94,3 +90,12 @@ class Notices:
                 text += (f" (warning: the last save took {self.last_save_s:.1f} s, longer than that: this checkpoint may "
                          f"not complete, and a ZeRO-3 save needs the preempted ranks too)")
         return text
+
+
+def drain_line(cause: str, note: dict, step: int) -> str:
+    """The log line of a drain (`note`: a signal's or a notice's) saved for at `step`; `cause`
+    says what came (`Notices.situation` for a notice)."""
+    if "signal" in note:
+        return (f"{cause}: saving a checkpoint at step {step} and exiting (code {EXIT_RESUMABLE}); the same command "
+                f"resumes")
+    return f"{cause}: saving a checkpoint at step {step}, then training on until the node goes"

@@ -40,7 +40,7 @@ from coatnet_scale.engine.ema import ShardedEMA
 from coatnet_scale.engine.failures import FailureLog
 from coatnet_scale.engine.faults import Faults
 from coatnet_scale.engine.health import Agreed, Health, Rollback, read_rollbacks
-from coatnet_scale.engine.interrupt import EXIT_RESUMABLE, Notices, signal_received
+from coatnet_scale.engine.interrupt import Notices, drain_line, signal_received
 from coatnet_scale.engine.monitor import start_training_monitor
 from coatnet_scale.engine.optim import group_weight_decays, lr_multiplier, param_groups
 from coatnet_scale.engine.placement import placement_problems
@@ -724,18 +724,16 @@ class StepLoop:
             n.pending = _interruption(agreed.signalled, n.new(step))
             if n.pending is not None:
                 n.pending_text = _describe_drain(n.pending, agreed.signalled, n)
-            if n.pending is not None and "preemption" in n.pending:
-                self.monitor.preempted()
-            if n.pending is not None and not self.health.healthy and self.rank == 0:
-                print(f"{n.pending_text}: step {step} was skipped, so the checkpoint waits for the next step that "
-                      f"is not", flush=True)
+                if "preemption" in n.pending:
+                    self.monitor.preempted()
+                if not self.health.healthy and self.rank == 0:
+                    print(f"{n.pending_text}: step {step} was skipped, so the checkpoint waits for the next step "
+                          f"that is not", flush=True)
         if n.pending is None or not self.health.healthy:
             return None
         note, n.pending = n.pending, None
         if self.rank == 0:
-            print(f"{n.pending_text}: saving a checkpoint at step {step}"
-                  + (f" and exiting (code {EXIT_RESUMABLE}); the same command resumes" if "signal" in note
-                     else ", then training on until the node goes"), flush=True)
+            print(drain_line(n.pending_text, note, step), flush=True)
         return note
 
     def _save(self, step: int, note: dict | None) -> str | None:
