@@ -31,6 +31,9 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "tests"))
 from s3proxy import LoopbackProxy  # noqa: E402  (the tests' proxy, which plays a slow link here)
 
+from coatnet_scale.storage import DEMO_DIR  # noqa: E402  (where `make demo` builds it)
+from dataprep.demo import build_demo_corpus  # noqa: E402
+
 SAVED = re.compile(r"checkpoint step (\d+) saved to \S+: the loop blocked ([\d.]+)s, rank 0 stored its files in ([\d.]+)s")
 
 
@@ -43,7 +46,7 @@ def free_port() -> int:
 def run(mode: str, background: bool, endpoint: str, bucket: str, args: argparse.Namespace, proxy: LoopbackProxy,
         fs) -> dict:
     overrides = [f"storage.url=s3://{bucket}/runs", f"storage.endpoint_url={endpoint}", f"run_name={mode}",
-                 f"data.train_manifest={REPO}/data/demo/train/manifest.json", "data.val_manifest=null",
+                 f"data.train_manifest={DEMO_DIR}/train/manifest.json", "data.val_manifest=null",
                  "data.num_workers=0", "cluster.num_workers=1", "train.global_batch_size=32",
                  f"train.total_steps={args.steps}", "train.warmup_steps=5", "train.log_every=1000",
                  f"checkpoint.every_steps={args.every}", "checkpoint.at_end=false", "checkpoint.keep=2",
@@ -70,6 +73,8 @@ def main() -> None:
 
     import s3fs
     from moto.server import ThreadedMotoServer
+
+    build_demo_corpus()  # idempotent: the quick start's corpus
 
     os.environ.update(AWS_ACCESS_KEY_ID="benchmark-key-id", AWS_SECRET_ACCESS_KEY="benchmark-secret",
                       AWS_DEFAULT_REGION="us-east-1", DS_ACCELERATOR="cpu")

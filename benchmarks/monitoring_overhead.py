@@ -31,7 +31,9 @@ import torch
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
-DEMO = REPO / "data" / "demo"
+from coatnet_scale.storage import DEMO_DIR  # noqa: E402
+
+DEMO = Path(DEMO_DIR)  # where `make demo` builds it
 
 
 def rank_main(rank: int, world_size: int, port: int, args: argparse.Namespace, folder: str) -> None:
@@ -134,10 +136,9 @@ def main() -> None:
     parser.add_argument("--block-steps", type=int, default=10)
     parser.add_argument("--scrape-every", type=float, default=1.0, help="seconds between scrapes while on")
     args = parser.parse_args()
-    if not (DEMO / "train" / "manifest.json").exists():
-        from dataprep.demo import build_demo_corpus
+    from dataprep.demo import build_demo_corpus
 
-        build_demo_corpus(str(DEMO))
+    build_demo_corpus()  # idempotent
     import torch.multiprocessing as mp
 
     with socket.socket() as s:

@@ -72,7 +72,7 @@ def main() -> int:
     with torch.device("meta"):
         params = count_parameters(create_model(args.model, num_classes=10, image_size=32))
     env = {**os.environ, "DS_ACCELERATOR": "cpu"}
-    build_demo_corpus(str(REPO / "data" / "demo"))
+    build_demo_corpus()  # idempotent: where `make demo` builds it
     work = Path(tempfile.mkdtemp(prefix="reshard_cost_"))
     try:
         def pretrain(world: int, run_name: str, steps: int, launcher: list[str]) -> list[str]:
