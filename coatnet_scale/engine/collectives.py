@@ -69,8 +69,8 @@ def broadcast(tensor: torch.Tensor, src: int = 0) -> torch.Tensor:
 
 def smallest(value: float) -> float:
     """The least of every rank's `value`, on every rank (a min all-reduce)."""
-    tensor = torch.tensor([value], dtype=torch.float64, device=device())
     if not _communicate:
         return value
+    tensor = torch.tensor([value], dtype=torch.float64, device=device())
     dist.all_reduce(tensor, op=dist.ReduceOp.MIN)
     return tensor.item()
